@@ -1,0 +1,31 @@
+"""Timing helpers shared by the benchmarks: interleaved rounds, medians, tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def images_per_second(batches, num_images: int, warmup_batches: int = 2) -> float:
+    """Drain `batches` (an iterator of tensors-with-len) until `num_images` are timed."""
+    for _ in range(warmup_batches):
+        next(batches)
+    seen, start = 0, time.perf_counter()
+    while seen < num_images:
+        seen += len(next(batches))
+    return seen / (time.perf_counter() - start)
+
+
+def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
+    """Run every runner once per round, alternating, so machine noise hits all alike."""
+    results = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            results[name].append(run())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The `ffn` command: parses arguments and calls one stage or tool; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ffn_dist.errors import FFNError
+
+
+def _config(args):
+    from ffn_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from ffn_dist.stages.prepare import prepare
+
+    prepare(_config(args))
+    return 0
+
+
+def cmd_show_config(args) -> int:
+    import yaml
+
+    from ffn_dist.config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(_config(args)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_splits_stats(args) -> int:
+    from ffn_dist.data.splits import read_split, split_stats
+    from ffn_dist.stages.prepare import format_stats_table
+
+    split = read_split(args.file, Path(args.file).parent, args.num_classes, is_train=True)
+    stats = split_stats(split)
+    print(json.dumps(stats, indent=2) if args.json else format_stats_table({split.path.name: stats}))
+    return 0
+
+
+def cmd_splits_make_lt(args) -> int:
+    from ffn_dist.data.longtail import make_lt
+
+    result = make_lt(
+        Path(args.image_root),
+        Path(args.out),
+        args.profile,
+        args.imbalance_factor,
+        args.seed,
+        args.test_per_class,
+    )
+    counts = result["train_counts"]
+    print(
+        f"wrote {args.out}/train.txt ({sum(counts)} images, {len(counts)} classes, "
+        f"{max(counts)}..{min(counts)} per class) and test.txt ({result['test_size']} images)"
+    )
+    print("train counts per class:", " ".join(map(str, counts)))
+    return 0
+
+
+def cmd_splits_verify(args) -> int:
+    from ffn_dist.data.splits import read_split
+    from ffn_dist.data.verify import find_bad_images
+
+    split = read_split(args.file, args.root)
+    bad = find_bad_images(split, args.workers)
+    for item in bad:
+        print(f"{item.where}: {item.reason}")
+    print(f"{len(split) - len(bad)} of {len(split)} images decode; {len(bad)} bad")
+    return 1 if bad else 0
+
+
+def cmd_demo_data(args) -> int:
+    from ffn_dist.data.builtin import ensure_builtin
+
+    written = ensure_builtin("digits", args.out)
+    print(f"{'wrote' if written else 'already complete:'} {args.out} (train.txt, test.txt)")
+    return 0
+
+
+def cmd_bench_loader(args) -> int:
+    from ffn_dist.bench.loader import bench_loader
+
+    if bool(args.cifar_split) != bool(args.cifar_root):
+        raise FFNError("--cifar-split and --cifar-root go together")
+    result = bench_loader(
+        args.cifar_split, args.cifar_root, args.threads, args.batch_size, args.images, args.rounds
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_config_args(parser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline for a config (today: the data stage)")
+    _add_config_args(run)
+    run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show-config", help="print the fully resolved config")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_show_config)
+
+    splits = sub.add_parser("splits", help="inspect, build and verify split files")
+    splits_sub = splits.add_subparsers(dest="splits_command", required=True, metavar="ACTION")
+
+    stats = splits_sub.add_parser("stats", help="class counts, imbalance factor, shot groups")
+    stats.add_argument("file")
+    stats.add_argument(
+        "--num-classes", type=int, default=None, help="number of classes (default: largest label + 1)"
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=cmd_splits_stats)
+
+    make = splits_sub.add_parser("make-lt", help="long-tailed train.txt + balanced test.txt")
+    make.add_argument("--image-root", required=True, help="ImageFolder root (or with train/ test/)")
+    make.add_argument("--out", required=True, help="directory for the split files")
+    make.add_argument("--profile", choices=["exp", "pareto"], required=True)
+    make.add_argument("--imbalance-factor", type=float, required=True)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="hold out this many test images per class (no train/ test/ folders)",
+    )
+    make.set_defaults(func=cmd_splits_make_lt)
+
+    verify = splits_sub.add_parser("verify", help="decode every image, list the bad ones")
+    verify.add_argument("file")
+    verify.add_argument("--root", required=True, help="data root the paths are relative to")
+    verify.add_argument("--workers", type=int, default=2)
+    verify.set_defaults(func=cmd_splits_verify)
+
+    demo = sub.add_parser("demo-data", help="write the built-in default dataset (digits-LT)")
+    demo.add_argument("--out", default="data/demo")
+    demo.set_defaults(func=cmd_demo_data)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    loader = bench_sub.add_parser("loader", help="DALI CPU vs torchvision DataLoader, img/s")
+    loader.add_argument(
+        "--cifar-split", default=None, help="a CIFAR split file (default: the built-in digits)"
+    )
+    loader.add_argument("--cifar-root", default=None, help="data root of --cifar-split")
+    loader.add_argument("--threads", type=int, default=2)
+    loader.add_argument("--batch-size", type=int, default=64)
+    loader.add_argument("--images", type=int, default=6400, help="images timed per CIFAR round")
+    loader.add_argument("--rounds", type=int, default=3)
+    loader.add_argument("--json-out", default=None)
+    loader.set_defaults(func=cmd_bench_loader)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FFNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The one config schema: typed dataclasses, loaded from YAML, `a.b.c=value` overrides.
+
+Every field carries its default and what values it accepts; `load_config` refuses unknown
+keys (suggesting the nearest valid one), wrong types and out-of-range values, naming the
+key's full dotted path. `configs/*.yaml` are the readable defaults for each setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ffn_dist.errors import FFNError
+
+
+class ConfigError(FFNError):
+    pass
+
+
+def opt(default, *, choices=None, ge=None, gt=None, le=None, doc=""):
+    """A config field with its allowed values; `doc` is shown by `ffn config --help`."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("data/demo", doc="data root; split-file paths are relative to it")
+    builtin: str | None = opt(
+        None, choices=["digits"], doc="write this built-in dataset into `root` if absent"
+    )
+    train_split: str = opt("train.txt", doc="split file, relative to root unless absolute")
+    val_split: str | None = opt(None, doc="optional validation split file")
+    test_split: str = opt("test.txt", doc="split file the reports are computed on")
+    num_classes: int = opt(10, ge=1)
+    backend: str = opt("dali", choices=["dali", "torch"], doc="loader backend")
+    train_crop: str = opt(
+        "pad_crop",
+        choices=["pad_crop", "random_resized_crop"],
+        doc="pad_crop: CIFAR pad-4 + random crop; random_resized_crop: ImageNet",
+    )
+    image_size: int = opt(32, ge=8, doc="side of the network input")
+    resize_size: int = opt(32, ge=8, doc="eval: shorter side resized to this, then centre crop")
+    color_jitter: float = opt(0.0, ge=0.0, le=1.0, doc="brightness/contrast/saturation jitter")
+    mean: list[float] = opt([0.4914, 0.4822, 0.4465], doc="per-channel mean, 0..1 scale")
+    std: list[float] = opt([0.2470, 0.2435, 0.2616], doc="per-channel std, 0..1 scale")
+    batch_size: int = opt(64, ge=1, doc="per process")
+    num_threads: int = opt(2, ge=1, doc="decoding threads (DALI) or workers (torch) per process")
+    on_bad_image: str = opt(
+        "error", choices=["error", "skip"], doc="skip: exclude unreadable images up front"
+    )
+
+    def validate(self, prefix: str) -> None:
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"{prefix}{name}: expected 3 values (RGB), got {getattr(self, name)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{prefix}std: every value must be > 0, got {self.std}")
+        if self.resize_size < self.image_size:
+            raise ConfigError(
+                f"{prefix}resize_size: must be >= image_size ({self.image_size}), got {self.resize_size}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("resnet32", choices=["resnet32", "resnet50"])
+    precision: str = opt(
+        "auto", choices=["auto", "fp32", "bf16"], doc="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = opt(200, ge=1)
+    lr: float = opt(0.1, gt=0.0, doc="per-process base learning rate")
+    momentum: float = opt(0.9, ge=0.0, le=1.0)
+    weight_decay: float = opt(2e-4, ge=0.0)
+    warmup_epochs: int = opt(5, ge=0, doc="linear warm-up length")
+    lr_milestones: list[int] = opt([160, 180], doc="epochs at which lr_factors take effect")
+    lr_factors: list[float] = opt([0.1, 0.01], doc="lr multipliers (of the base lr)")
+    mixup_alpha: float = opt(1.0, ge=0.0, doc="0 switches mixup off")
+    kps_max_m: float = opt(0.2, ge=0.0)
+    kps_s: float = opt(15.0, gt=0.0)
+    kps_ga_epoch: int = opt(120, ge=0, doc="epoch from which KPS uses per-class scales")
+
+    def validate(self, prefix: str) -> None:
+        if len(self.lr_milestones) != len(self.lr_factors):
+            raise ConfigError(
+                f"{prefix}lr_factors: expected one factor per milestone "
+                f"({len(self.lr_milestones)}), got {len(self.lr_factors)}"
+            )
+        if self.lr_milestones != sorted(set(self.lr_milestones)):
+            raise ConfigError(
+                f"{prefix}lr_milestones: expected strictly increasing epochs, got {self.lr_milestones}"
+            )
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = opt(30, ge=1)
+    batch_size: int = opt(64, ge=1)
+    lr: float = opt(0.1, gt=0.0)
+    momentum: float = opt(0.9, ge=0.0, le=1.0)
+    weight_decay: float = opt(2e-4, ge=0.0)
+    w1: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the KPS branch")
+    w2: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the CE branch")
+    ldam_max_m: float = opt(0.5, ge=0.0)
+    ldam_s: float = opt(30.0, gt=0.0)
+
+    def validate(self, prefix: str) -> None:
+        if not math.isclose(self.w1 + self.w2, 1.0, abs_tol=1e-6):
+            raise ConfigError(
+                f"{prefix}w1 + {prefix}w2: the fusion weights must sum to 1, "
+                f"got {self.w1} + {self.w2} = {self.w1 + self.w2:g}"
+            )
+
+
+@dataclass
+class DistConfig:
+    engine: str = opt("ddp", choices=["ddp", "deepspeed"])
+    nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
+    kps_ranks: int | None = opt(None, ge=1, doc="ranks for the KPS group (default: half)")
+    zero_stage: int = opt(0, ge=0, le=2, doc="DeepSpeed ZeRO stage")
+
+
+@dataclass
+class Config:
+    name: str = opt("demo")
+    output_dir: str = opt("runs/demo", doc="run directory: resolved config, logs, outputs")
+    seed: int = opt(0, ge=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value, tp, key: str):
+    """Return `value` as type `tp`, or raise naming `key`; YAML gives `1e-4` as a string."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if ok:
+        return value
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(value, meta: dict, key: str) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{key}: got {value!r}, allowed values: {allowed}")
+    tests = {
+        "ge": (">=", lambda b: value >= b),
+        "gt": (">", lambda b: value > b),
+        "le": ("<=", lambda b: value <= b),
+    }
+    for name, (op, holds) in tests.items():
+        bound = meta.get(name)
+        if bound is not None and isinstance(value, (int, float)) and not holds(bound):
+            raise ConfigError(f"{key}: got {value!r}, expected a value {op} {bound}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw.get(name, {}) or {}, key + ".")
+        elif name in raw:
+            values[name] = _coerce(raw[name], tp, key)
+            _check_range(values[name], f.metadata, key)
+            if isinstance(values[name], list):
+                for i, item in enumerate(values[name]):
+                    _check_range(item, f.metadata, f"{key}[{i}]")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: expected the form a.b.c=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def _apply_override(raw: dict, path: list[str], value) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for text in overrides:
+        _apply_override(raw, *parse_override(text))
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the fully resolved config (atomically) so a run records what produced it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Stages of a run; each composes data, models and losses."""

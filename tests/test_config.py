@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ffn_dist.config import ConfigError, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_cover_the_three_paper_settings_and_the_demo():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "cifar10_lt_r32.yaml", "cifar100_lt_r32.yaml", "imagenet_lt_r50.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    saved = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(saved) == cfg
+
+
+def test_paper_recipes_match_the_spec():
+    c10 = load_config(CONFIGS[[p.name for p in CONFIGS].index("cifar10_lt_r32.yaml")])
+    c100 = load_config(CONFIGS[[p.name for p in CONFIGS].index("cifar100_lt_r32.yaml")])
+    inet = load_config(CONFIGS[[p.name for p in CONFIGS].index("imagenet_lt_r50.yaml")])
+    assert (c10.stage1.kps_max_m, c100.stage1.kps_max_m, inet.stage1.kps_max_m) == (0.2, 0.5, 0.35)
+    assert (c10.stage2.w1, c100.stage2.w1, inet.stage2.w1) == (0.5, 0.9, 0.9)
+    assert (c10.model.arch, inet.model.arch) == ("resnet32", "resnet50")
+    assert c10.stage1.lr_milestones == [160, 180] and c10.stage1.lr_factors == [0.1, 0.01]
+    assert inet.stage1.warmup_epochs == 0 and inet.stage1.lr_milestones == [120, 160]
+    assert inet.stage1.weight_decay == 1e-4 and c10.stage1.weight_decay == 2e-4
+    assert inet.data.num_classes == 1000 and c100.data.num_classes == 100
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(
+        None,
+        [
+            "stage1.lr=0.05",
+            "data.batch_size=16",
+            "stage1.weight_decay=5e-4",
+            "data.val_split=val.txt",
+            "stage1.lr_milestones=[3, 7]",
+            "stage1.lr_factors=[0.1, 0.01]",
+        ],
+    )
+    assert cfg.stage1.lr == 0.05 and cfg.data.batch_size == 16
+    assert cfg.stage1.weight_decay == 5e-4 and cfg.data.val_split == "val.txt"
+    assert cfg.stage1.lr_milestones == [3, 7]
+
+
+def test_unknown_key_names_full_path_and_suggests_nearest(tmp_path):
+    path = write(tmp_path, "stage1:\n  epocs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "stage1.epocs" in message
+    assert "did you mean 'stage1.epochs'" in message
+
+
+def test_unknown_override_suggests_nearest():
+    with pytest.raises(ConfigError, match=r"data\.bach_size.*did you mean 'data\.batch_size'"):
+        load_config(None, ["data.bach_size=3"])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("data.batch_size=abc", r"data\.batch_size: expected int, got 'abc'"),
+        ("data.batch_size=1.5", r"data\.batch_size: expected int, got 1.5"),
+        ("data.batch_size=0", r"data\.batch_size: got 0, expected a value >= 1"),
+        ("stage1.lr=0", r"stage1\.lr: got 0.0, expected a value > 0"),
+        ("stage1.momentum=1.5", r"stage1\.momentum: got 1.5, expected a value <= 1"),
+        ("data.backend=pil", r"data\.backend: got 'pil', allowed values: dali, torch"),
+        ("model.arch=vgg", r"model\.arch: got 'vgg', allowed values: resnet32, resnet50"),
+        ("data.mean=[0.5]", r"data\.mean: expected 3 values"),
+        ("data.mean=fast", r"data\.mean: expected list of float"),
+        ("stage1.lr_factors=[0.1]", r"stage1\.lr_factors: expected one factor per milestone"),
+        ("stage1.lr_milestones=[180, 160]", r"strictly increasing"),
+        ("data.resize_size=16", r"data\.resize_size: must be >= image_size"),
+        ("dist.zero_stage=3", r"dist\.zero_stage: got 3, expected a value <= 2"),
+        ("data=3", r"data: expected a mapping"),
+        ("stage2.w1=0.7", r"stage2\.w1 \+ stage2\.w2: the fusion weights must sum to 1"),
+    ],
+)
+def test_bad_values_are_refused_with_key_given_and_allowed(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="expected the form a.b.c=value"):
+        load_config(None, ["stage1.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_saved_config_is_the_fully_resolved_one(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 7\n"), ["stage2.w1=0.9", "stage2.w2=0.1"])
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "run" / "config.yaml").read_text())
+    assert saved["seed"] == 7 and saved["stage2"]["w1"] == 0.9
+    assert saved["data"]["batch_size"] == 64  # defaults are written out too

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+from ffn_dist.config import load_config
+from ffn_dist.data.loader import BadImageError, build_loader
+from ffn_dist.data.splits import read_split
+from tests.conftest import write_jpeg
+
+BACKENDS = ["dali", "torch"]
+
+
+def data_cfg(root, *overrides):
+    return load_config(None, [f"data.root={root}", "data.num_threads=1", *overrides]).data
+
+
+def demo_split(root, name="test.txt", is_train=False):
+    return read_split(root / name, root, 10, is_train=is_train)
+
+
+def first_batch(cfg, split, backend, train=False):
+    return next(iter(build_loader(cfg, split, train=train, backend=backend)))
+
+
+def test_backends_agree_on_eval_tensors_for_cifar_sized_jpegs(demo_root):
+    cfg, split = data_cfg(demo_root), demo_split(demo_root)
+    dali, ref = (first_batch(cfg, split, b) for b in BACKENDS)
+    assert torch.equal(dali.indices, ref.indices) and torch.equal(dali.labels, ref.labels)
+    assert dali.images.shape == ref.images.shape == (64, 3, 32, 32)
+    assert dali.images.dtype == ref.images.dtype == torch.float32
+    assert dali.images.is_contiguous() and ref.images.is_contiguous()
+    # same decoder family, no resampling at 32 px: equal to float rounding
+    assert float((dali.images - ref.images).abs().max()) < 1e-4
+    # and normalised with the configured mean/std: undo it and get the 0..1 pixels back
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.mean, cfg.std))
+    pixels = ref.images * std + mean
+    assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
+
+
+def test_backends_agree_on_resized_centre_crops(tmp_path):
+    sizes = [(400, 350), (300, 500), (256, 256)]
+    for i, size in enumerate(sizes):
+        write_jpeg(tmp_path / f"img{i}.jpg", size=size, seed=i, smooth=True)
+    (tmp_path / "test.txt").write_text("".join(f"img{i}.jpg {i}\n" for i in range(3)))
+    split = read_split(tmp_path / "test.txt", tmp_path, 3)
+    cfg = data_cfg(tmp_path, "data.image_size=224", "data.resize_size=256", "data.num_classes=3")
+    dali, ref = (first_batch(cfg, split, b) for b in BACKENDS)
+    assert dali.images.shape == ref.images.shape == (3, 3, 224, 224)
+    # same output geometry, resampling kernels differ by rounding: < 1/255 on average
+    diff = (dali.images - ref.images).abs() * torch.tensor(cfg.std).view(1, 3, 1, 1)
+    assert float(diff.mean()) < 1 / 255 and float(diff.max()) < 4 / 255
+
+
+@pytest.mark.parametrize("crop, size", [("pad_crop", 32), ("random_resized_crop", 24)])
+def test_train_batches_have_the_same_layout_in_both_backends(demo_root, crop, size):
+    cfg = data_cfg(
+        demo_root,
+        f"data.train_crop={crop}",
+        f"data.image_size={size}",
+        f"data.resize_size={max(size, 32)}",
+        "data.color_jitter=0.4",
+        "data.batch_size=16",
+    )
+    split = demo_split(demo_root, "train.txt", is_train=True)
+    batches = [first_batch(cfg, split, b, train=True) for b in BACKENDS]
+    for batch in batches:
+        assert batch.images.shape == (16, 3, size, size) and batch.images.dtype == torch.float32
+        assert batch.labels.dtype == batch.indices.dtype == torch.int64
+        assert torch.equal(batch.labels, torch.from_numpy(split.labels[batch.indices.numpy()]))
+    assert torch.equal(batches[0].indices, batches[1].indices)  # same sampler, same order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epochs_follow_set_epoch_and_cover_the_split(demo_root, backend):
+    split = demo_split(demo_root, "train.txt", is_train=True)
+    loader = build_loader(data_cfg(demo_root), split, train=True, backend=backend, seed=1)
+    seen = {}
+    for epoch in (0, 1, 1, 5):
+        loader.set_epoch(epoch)
+        indices = torch.cat([b.indices for b in loader]).numpy()
+        assert sorted(indices.tolist()) == list(range(len(split)))
+        if epoch in seen:
+            assert (seen[epoch] == indices).all()  # an epoch's order is a function of (seed, epoch)
+        seen[epoch] = indices
+    assert not (seen[0] == seen[1]).all()
+    loader.set_epoch(2)
+    next(iter(loader))  # abandon an epoch half-way: the next one starts clean
+    loader.set_epoch(3)
+    assert len(torch.cat([b.indices for b in loader])) == len(split)
+
+
+def damage(root, split, kind):
+    """Damage the 6th image of `split`; return its line number."""
+    path = split.image_path(5)
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:120])
+    else:
+        path.write_bytes(b"this is not a jpeg" * 8)
+    return int(split.lines[5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["missing", "truncated", "garbage"])
+def test_bad_image_stops_with_split_line_and_path(demo_copy, backend, kind):
+    split = demo_split(demo_copy)
+    line = damage(demo_copy, split, kind)
+    loader = build_loader(data_cfg(demo_copy, "data.batch_size=4"), split, train=False, backend=backend)
+    with pytest.raises(BadImageError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert f"{split.path}:{line} ({split.image_path(5)})" in message
+    assert "data.on_bad_image=skip" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_excludes_bad_images_and_lists_them_once(demo_copy, backend, capsys):
+    split = demo_split(demo_copy)
+    line = damage(demo_copy, split, "garbage")
+    loader = build_loader(data_cfg(demo_copy, "data.on_bad_image=skip"), split, train=False, backend=backend)
+    indices = torch.cat([b.indices for b in loader]).numpy()
+    assert len(indices) == len(split) - 1
+    assert f"{split.path}:{line}" in capsys.readouterr().out
+    kept_lines = loader.split.lines[indices]
+    assert line not in kept_lines.tolist() and len(np.unique(kept_lines)) == len(split) - 1
