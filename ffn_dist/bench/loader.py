@@ -43,16 +43,17 @@ def write_large_jpegs(out_dir: Path, count: int, seed: int = 0) -> Path:
     return out_dir / "train.txt"
 
 
+def _endless_labels(loader):
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch.labels
+
+
 def _rate(data_cfg: DataConfig, split: Split, backend: str, num_images: int) -> float:
     loader = build_loader(data_cfg, split, train=True, backend=backend, device=torch.device("cpu"))
 
-    def batches():
-        for epoch in itertools.count():
-            loader.set_epoch(epoch)
-            for batch in loader:
-                yield batch.labels
-
-    stream = batches()
+    stream = _endless_labels(loader)
     try:
         return images_per_second(stream, num_images)
     finally:
