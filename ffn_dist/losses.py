@@ -1,0 +1,152 @@
+"""The losses of FFN, exactly as spec/FFN.md section 2 defines them.
+
+Every per-class quantity (KPS factors and margins, LDAM margins, DRW weights) is a function
+of the class's training count alone, never of the order of class indices, so the losses are
+right for ImageNet-LT, whose class ids are not sorted by frequency.
+
+Every loss takes either integer targets or mixup targets `(y_a, y_b, lam)` and then returns
+`lam * L(y_a) + (1 - lam) * L(y_b)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffn_dist.errors import FFNError
+
+KPS_LOG_BASE = 50.0  # r_c = log(50 n_c / n_min) / log(50)
+KPS_MAX_SCALE = 50.0  # the per-class ("GA") scale is clamped to [s, 50]
+DRW_BETA = 0.9999
+
+
+def as_class_counts(class_counts) -> torch.Tensor:
+    """Validate training counts per class: a non-empty 1-D sequence of integers >= 1."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.ndim != 1 or counts.numel() == 0:
+        raise FFNError(f"class counts: expected a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
+    if bool((counts != counts.round()).any()):
+        raise FFNError("class counts: expected integers")
+    empty = torch.nonzero(counts < 1).flatten().tolist()
+    if empty:
+        raise FFNError(
+            f"class counts: class(es) {empty[:10]} have {int(counts[empty[0]])} samples; "
+            "every class needs at least 1 training sample"
+        )
+    return counts
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise FFNError(f"label {bad} outside the {num_classes} classes (expected 0..{num_classes - 1})")
+
+
+def kps_factors(class_counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_c = log(50 n_c / n_min) / log 50 and the flipped factor r_max + r_min - r_c."""
+    counts = as_class_counts(class_counts)
+    r = torch.log(KPS_LOG_BASE * counts / counts.min()) / math.log(KPS_LOG_BASE)
+    return r, r.max() + r.min() - r
+
+
+def ldam_margins(class_counts, max_m: float) -> torch.Tensor:
+    """Δ_c ∝ n_c^(-1/4), scaled so the largest margin is `max_m`."""
+    margins = as_class_counts(class_counts) ** -0.25
+    return margins * (max_m / margins.max())
+
+
+def drw_weights(class_counts, beta: float = DRW_BETA) -> torch.Tensor:
+    """Class-balanced weights (1 - beta) / (1 - beta^n_c), normalised to sum to C."""
+    counts = as_class_counts(class_counts)
+    weights = (1.0 - beta) / (1.0 - beta**counts)
+    return weights * len(counts) / weights.sum()
+
+
+class _MixupLoss(nn.Module):
+    """Dispatches integer targets and mixup targets to `single(logits, labels)`."""
+
+    num_classes: int
+
+    def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        if isinstance(target, tuple):
+            y_a, y_b, lam = target
+            return lam * self._checked(logits, y_a) + (1.0 - lam) * self._checked(logits, y_b)
+        return self._checked(logits, target)
+
+    def _checked(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] != self.num_classes:
+            raise FFNError(
+                f"logits have {logits.shape[-1]} classes, the loss was built for {self.num_classes}"
+            )
+        check_labels(labels, self.num_classes)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # margins of a few hundredths need more than bf16's 8 bits
+        return self.single(logits, labels)
+
+
+class CELoss(_MixupLoss):
+    """Cross-entropy on the linear head (CE branch), optionally class-weighted (DRW)."""
+
+    def __init__(self, num_classes: int, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+        )
+
+    def single(self, logits, labels):
+        return F.cross_entropy(logits, labels, weight=_match(self.weight, logits))
+
+
+class KPSLoss(_MixupLoss):
+    """Key Point Sensitive loss on cosine logits (Li, Cheung and Hu, TPAMI 2022).
+
+    Target logit s_y * (r_y cos θ_y - m_y), others s_y * r_j cos θ_j, with
+    r_c = log(50 n_c / n_min) / log 50 and m_c = max_m (r_max + r_min - r_c) / r_max.
+    The scale is `s`, or with `per_class_scale` (the "GA" schedule) the sample's
+    s_y = clamp(s (r_max + r_min - r_y), s, 50).
+    """
+
+    def __init__(self, class_counts, max_m: float, s: float = 15.0, per_class_scale: bool = False):
+        super().__init__()
+        r, flipped = kps_factors(class_counts)
+        self.num_classes = len(r)
+        self.s = s
+        self.per_class_scale = per_class_scale
+        self.register_buffer("r", r)
+        self.register_buffer("margins", max_m * flipped / r.max())
+        self.register_buffer("class_scales", (s * flipped).clamp(s, KPS_MAX_SCALE))
+
+    def single(self, cosine, labels):
+        r, margins = _match(self.r, cosine), _match(self.margins, cosine)
+        logits = cosine * r - F.one_hot(labels, self.num_classes).to(cosine.dtype) * margins[labels, None]
+        scale = _match(self.class_scales, cosine)[labels, None] if self.per_class_scale else self.s
+        return F.cross_entropy(scale * logits, labels)
+
+
+class LDAMLoss(_MixupLoss):
+    """LDAM (Cao et al., NeurIPS 2019) on cosine logits: CE(s * (cos - Δ_y onehot(y)))."""
+
+    def __init__(self, class_counts, max_m: float = 0.5, s: float = 30.0, weight: torch.Tensor | None = None):
+        super().__init__()
+        margins = ldam_margins(class_counts, max_m)
+        self.num_classes = len(margins)
+        self.s = s
+        self.register_buffer("margins", margins)
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+        )
+
+    def single(self, cosine, labels):
+        margins = _match(self.margins, cosine)
+        logits = cosine - F.one_hot(labels, self.num_classes).to(cosine.dtype) * margins[labels, None]
+        return F.cross_entropy(self.s * logits, labels, weight=_match(self.weight, cosine))
+
+
+def _match(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The buffer (kept in float64) in the logits' dtype."""
+    return None if buffer is None else buffer.to(like.dtype)

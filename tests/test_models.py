@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffn_dist.errors import FFNError
+from ffn_dist.models import CosineHead, LinearHead, build_backbone, fused_embedding
+from ffn_dist.models.precision import autocast, place_images, place_model, uses_bf16
+
+
+def trainable(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_resnet32_is_the_cifar_network():
+    trunk = build_backbone("resnet32")
+    # conv1 + bn1, then 3 stages of 5 basic blocks at 16/32/64 channels, option A shortcuts
+    conv = lambda i, o: 9 * i * o  # noqa: E731
+    bn = lambda c: 2 * c  # noqa: E731
+    block = lambda i, o: conv(i, o) + conv(o, o) + 2 * bn(o)  # noqa: E731
+    expected = conv(3, 16) + bn(16)
+    expected += 5 * block(16, 16) + block(16, 32) + 4 * block(32, 32) + block(32, 64) + 4 * block(64, 64)
+    assert trainable(trunk) == expected == 463_504  # "0.46 M" of the ResNet paper's Table 6
+    embedding = trunk(torch.randn(2, 3, 32, 32))
+    assert embedding.shape == (2, 64) and trunk.embedding_dim == 64
+
+
+def test_resnet50_trunk_is_torchvisions_without_fc():
+    from torchvision.models import resnet50
+
+    trunk = build_backbone("resnet50")
+    full = resnet50(weights=None)
+    assert trainable(trunk) == trainable(full) - (2048 * 1000 + 1000) == 23_508_032
+    assert trunk.embedding_dim == 2048
+    assert trunk(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+
+
+def test_unknown_backbone_is_refused():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        build_backbone("vgg")
+
+
+def test_cosine_head_logits_are_cosines_and_init_copies():
+    head = CosineHead(8, 5)
+    assert torch.allclose(head.weight.norm(dim=0), torch.ones(5))
+    f = torch.randn(4, 8)
+    expected = torch.stack(
+        [F.cosine_similarity(f, head.weight[:, c].expand(4, 8), dim=1) for c in range(5)], 1
+    )
+    assert torch.allclose(head(f), expected, atol=1e-6)
+    clone = CosineHead.from_head(head)
+    assert torch.equal(clone.weight, head.weight) and clone.weight is not head.weight
+    assert LinearHead(8, 5)(f).shape == (4, 5)
+
+
+def test_fusion_identity():
+    gen = torch.Generator().manual_seed(0)
+    f_kps, f_ce = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen) * 7
+    head = CosineHead(64, 10)
+    for w1 in (0.0, 0.3, 0.5, 0.9, 1.0):
+        w2 = 1.0 - w1
+        mixed_logits = w1 * head(f_kps) + w2 * head(f_ce)
+        fused_logits = head(fused_embedding(f_kps, f_ce, w1, w2), normalized=True)
+        assert torch.allclose(mixed_logits, fused_logits, atol=1e-6)
+        direct = (w1 * F.normalize(f_kps) + w2 * F.normalize(f_ce)) @ F.normalize(head.weight, dim=0)
+        assert torch.allclose(fused_logits, direct, atol=1e-6)
+
+
+def test_fusion_weights_must_sum_to_one():
+    with pytest.raises(FFNError, match=r"fusion weights must sum to 1 \(w1 \+ w2\), got 0.7 \+ 0.5 = 1.2"):
+        fused_embedding(torch.ones(1, 2), torch.ones(1, 2), 0.7, 0.5)
+
+
+def test_cpu_stays_fp32_unless_configured():
+    cpu = torch.device("cpu")
+    assert not uses_bf16(cpu, "auto") and uses_bf16(cpu, "bf16") and uses_bf16(torch.device("cuda"), "auto")
+    model = place_model(build_backbone("resnet32"), cpu)
+    x = place_images(torch.randn(2, 3, 32, 32), cpu)
+    assert x.is_contiguous()  # NCHW on the CPU; channels_last is for CUDA
+    with autocast(cpu, "auto"):
+        assert model(x).dtype == torch.float32
+    with autocast(cpu, "bf16"):
+        assert model(x).dtype == torch.bfloat16
