@@ -1,0 +1,1 @@
+"""Split files, long-tailed profiles, loaders (DALI or torchvision), sampling, mixup."""

@@ -1,0 +1,118 @@
+"""Loaders for one rank of a process group: batches of (images, labels, indices).
+
+Both backends read the indices a `ShardSampler` gives them, so sharding, balanced sampling
+and epoch length are the same code whichever backend decodes. `indices` are positions in
+the split: evaluation uses them to drop the padded repeats, the feature cache to store them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ffn_dist.data.sampling import ShardSampler
+from ffn_dist.data.splits import Split
+from ffn_dist.data.transforms import TransformSpec
+from ffn_dist.data.verify import check_image, find_bad_images
+from ffn_dist.errors import FFNError
+
+
+class BadImageError(FFNError):
+    pass
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 [B, 3, H, W], normalised
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # int64 [B], positions in the split
+
+
+def bad_image_error(split: Split, index: int, reason: str | None = None) -> BadImageError:
+    reason = reason or check_image(split.image_path(index)) or "could not be decoded"
+    return BadImageError(
+        f"{split.where(index)}: {reason}. Fix or remove the file, or set "
+        "data.on_bad_image=skip to exclude unreadable images"
+    )
+
+
+class Loader:
+    """Shared part of both backends: epochs, length, device."""
+
+    def __init__(self, split: Split, spec: TransformSpec, sampler: ShardSampler, batch_size: int,
+                 num_threads: int, device: torch.device):
+        self.split, self.spec, self.sampler = split, spec, sampler
+        self.batch_size, self.num_threads, self.device = batch_size, num_threads, device
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.sampler)
+
+
+def _is_first_process(group_rank: int) -> bool:
+    """Global rank 0 when distributed (so a job lists once, not once per group)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else group_rank == 0
+
+
+def exclude_bad_images(split: Split, workers: int, rank: int, size: int, group=None) -> Split:
+    """Decode the split once, each rank a share, and drop the bad files on every rank alike."""
+    mine = find_bad_images(split, workers, indices=range(rank, len(split), size),
+                           show_progress=_is_first_process(rank))
+    if size > 1:
+        gathered = [None] * size
+        dist.all_gather_object(gathered, mine, group=group)
+        mine = [bad for part in gathered for bad in part]
+    if mine and _is_first_process(rank):
+        print(f"data.on_bad_image=skip: excluding {len(mine)} unreadable image(s) of {split.path}:")
+        for bad in sorted(mine, key=lambda b: b.index):
+            print(f"  {bad.where}: {bad.reason}")
+    return split.without(b.index for b in mine) if mine else split
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_loader(
+    data_cfg,
+    split: Split,
+    *,
+    train: bool,
+    balanced: bool = False,
+    rank: int = 0,
+    size: int = 1,
+    seed: int = 0,
+    group=None,
+    device: torch.device | None = None,
+    backend: str | None = None,
+) -> Loader:
+    """The loader for rank `rank` of a process group of `size` ranks (`group` for collectives).
+
+    train: shuffled (or class-balanced) order, train transform; otherwise the split in order
+    with the eval transform.
+    """
+    if data_cfg.on_bad_image == "skip":
+        split = exclude_bad_images(split, data_cfg.num_threads, rank, size, group)
+    order = ("balanced" if balanced else "shuffle") if train else "sequential"
+    sampler = ShardSampler(split.labels, order, rank, size, seed)
+    spec = TransformSpec.from_config(data_cfg, train)
+    device = device or default_device()
+    backend = backend or data_cfg.backend
+    if backend == "dali":
+        from ffn_dist.data.dali import DaliLoader as cls
+    else:
+        from ffn_dist.data.torch_loader import TorchLoader as cls
+    return cls(split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
+

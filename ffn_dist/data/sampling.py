@@ -1,0 +1,60 @@
+"""Which samples each rank of a process group reads in an epoch.
+
+Every rank of a group computes the same global order for an epoch (from the seed and the
+epoch), then takes its strided share. Shares are padded by wrapping around the order to
+ceil(N / group_size), so every rank runs the same number of steps and none hangs a
+collective; the few padded samples repeat real ones and carry their real index, which is
+how evaluation drops them again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ORDERS = ("sequential", "shuffle", "balanced")
+
+
+def epoch_order(labels: np.ndarray, order: str, seed: int, epoch: int) -> np.ndarray:
+    """The group-wide sample order of one epoch; `balanced` draws classes uniformly."""
+    n = len(labels)
+    if order == "sequential":
+        return np.arange(n)
+    rng = np.random.default_rng([seed, epoch])
+    if order == "shuffle":
+        return rng.permutation(n)
+    if order == "balanced":
+        # Each class equally likely, then a uniform member of it; with replacement, N draws.
+        by_class = np.argsort(labels, kind="stable")
+        sizes = np.bincount(labels)
+        present = np.flatnonzero(sizes)
+        starts = np.cumsum(sizes) - sizes
+        picked = present[rng.integers(len(present), size=n)]
+        within = (rng.random(n) * sizes[picked]).astype(np.int64)
+        return by_class[starts[picked] + within]
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+def shard(order: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """Rank `rank`'s share of `order`: strided, padded to ceil(len / size) by wrapping."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} outside a group of size {size}")
+    per_rank = math.ceil(len(order) / size)
+    padded = np.resize(order, per_rank * size)  # np.resize repeats from the start
+    return padded[rank::size]
+
+
+class ShardSampler:
+    """The indices one rank of a group reads in each epoch."""
+
+    def __init__(self, labels: np.ndarray, order: str, rank: int = 0, size: int = 1, seed: int = 0):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.labels, self.order, self.rank, self.size, self.seed = labels, order, rank, size, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.size)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        return shard(epoch_order(self.labels, self.order, self.seed, epoch), self.rank, self.size)
