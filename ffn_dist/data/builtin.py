@@ -42,7 +42,7 @@ def write_digits(out_dir: Path) -> dict:
 
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
-    for i, (pixels, label) in enumerate(zip(images, digits.target)):
+    for i, (pixels, label) in enumerate(zip(images, digits.target, strict=True)):
         folder = out_dir / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(pixels, mode="L").resize((SIDE, SIDE), Image.BILINEAR)

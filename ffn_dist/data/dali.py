@@ -32,22 +32,30 @@ def _shorter_side_size(encoded, target: int) -> dict:
     shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)  # H, W, C
     height, width = shape[0], shape[1]
     shorter = dmath.min(height, width)
-    return {"resize_y": dmath.floor(target * height / shorter),
-            "resize_x": dmath.floor(target * width / shorter)}
+    return {
+        "resize_y": dmath.floor(target * height / shorter),
+        "resize_x": dmath.floor(target * width / shorter),
+    }
 
 
 @pipeline_def
 def _image_pipeline(source, spec: TransformSpec, on_gpu: bool):
     encoded, labels, indices = fn.external_source(
-        source=source, num_outputs=3, batch=True, batch_info=True,
+        source=source,
+        num_outputs=3,
+        batch=True,
+        batch_info=True,
         dtype=[types.UINT8, types.INT64, types.INT64],
     )
     decoder = "mixed" if on_gpu else "cpu"
     size = spec.image_size
     if spec.random_resized_crop:
         images = fn.decoders.image_random_crop(
-            encoded, device=decoder, output_type=types.RGB,
-            random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO),
+            encoded,
+            device=decoder,
+            output_type=types.RGB,
+            random_area=list(RRC_SCALE),
+            random_aspect_ratio=list(RRC_RATIO),
         )
         images = fn.resize(images, size=[size, size], antialias=True)
     else:
@@ -56,17 +64,29 @@ def _image_pipeline(source, spec: TransformSpec, on_gpu: bool):
         if spec.pad_crop:
             images = fn.crop(images, crop=[size, size])
             shift = fn.random.uniform(values=list(range(-PAD, PAD + 1)), shape=[2], dtype=types.INT32)
-            images = fn.slice(images, start=shift, shape=[size, size], axis_names="WH",
-                              out_of_bounds_policy="pad", fill_values=0)
+            images = fn.slice(
+                images,
+                start=shift,
+                shape=[size, size],
+                axis_names="WH",
+                out_of_bounds_policy="pad",
+                fill_values=0,
+            )
     if spec.color_jitter > 0:
         jitter = [1.0 - spec.color_jitter, 1.0 + spec.color_jitter]
         images = fn.color_twist(
-            images, brightness=fn.random.uniform(range=jitter),
-            contrast=fn.random.uniform(range=jitter), saturation=fn.random.uniform(range=jitter),
+            images,
+            brightness=fn.random.uniform(range=jitter),
+            contrast=fn.random.uniform(range=jitter),
+            saturation=fn.random.uniform(range=jitter),
         )
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", crop=[size, size],
-        mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std],
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        crop=[size, size],
+        mean=[m * 255 for m in spec.mean],
+        std=[s * 255 for s in spec.std],
         mirror=fn.random.coin_flip() if spec.train else 0,
     )
     return images, labels, indices
@@ -111,8 +131,11 @@ class DaliLoader(Loader):
     def _build(self, first_epoch: int) -> None:
         on_gpu = self.device.type == "cuda"
         pipe = _image_pipeline(
-            self._read_batch, self.spec, on_gpu,
-            batch_size=self.batch_size, num_threads=self.num_threads,
+            self._read_batch,
+            self.spec,
+            on_gpu,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
             device_id=self.device.index if on_gpu else None,
             prefetch_queue_depth=PREFETCH_DEPTH,
             seed=(self.sampler.seed * 1009 + self.sampler.rank * 7919 + first_epoch) % 2**31,
@@ -121,8 +144,11 @@ class DaliLoader(Loader):
         self._first_epoch = self._next_epoch = first_epoch
         self._recent.clear()
         self._iterator = DALIGenericIterator(
-            pipe, ["images", "labels", "indices"],
-            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False, prepare_first_batch=False,
+            pipe,
+            ["images", "labels", "indices"],
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=False,
+            prepare_first_batch=False,
         )
 
     def _diagnose(self, error: RuntimeError) -> Exception:

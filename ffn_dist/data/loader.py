@@ -42,8 +42,15 @@ def bad_image_error(split: Split, index: int, reason: str | None = None) -> BadI
 class Loader:
     """Shared part of both backends: epochs, length, device."""
 
-    def __init__(self, split: Split, spec: TransformSpec, sampler: ShardSampler, batch_size: int,
-                 num_threads: int, device: torch.device):
+    def __init__(
+        self,
+        split: Split,
+        spec: TransformSpec,
+        sampler: ShardSampler,
+        batch_size: int,
+        num_threads: int,
+        device: torch.device,
+    ):
         self.split, self.spec, self.sampler = split, spec, sampler
         self.batch_size, self.num_threads, self.device = batch_size, num_threads, device
         self.epoch = 0
@@ -66,8 +73,9 @@ def _is_first_process(group_rank: int) -> bool:
 
 def exclude_bad_images(split: Split, workers: int, rank: int, size: int, group=None) -> Split:
     """Decode the split once, each rank a share, and drop the bad files on every rank alike."""
-    mine = find_bad_images(split, workers, indices=range(rank, len(split), size),
-                           show_progress=_is_first_process(rank))
+    mine = find_bad_images(
+        split, workers, indices=range(rank, len(split), size), show_progress=_is_first_process(rank)
+    )
     if size > 1:
         gathered = [None] * size
         dist.all_gather_object(gathered, mine, group=group)
@@ -115,4 +123,3 @@ def build_loader(
     else:
         from ffn_dist.data.torch_loader import TorchLoader as cls
     return cls(split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
-

@@ -89,7 +89,7 @@ def make_lt(
             )
         classes, pool = list_image_folder(image_root)
         train_pool, test_pool = [], []
-        for name, files in zip(classes, pool):
+        for name, files in zip(classes, pool, strict=True):
             if len(files) <= test_per_class:
                 raise SplitError(
                     f"{image_root / name}: {len(files)} images, need more than "
@@ -108,7 +108,7 @@ def make_lt(
         raise SplitError(f"--profile: got {profile!r}, allowed values: exp, pareto")
 
     train = []
-    for label, (files, count) in enumerate(zip(train_pool, counts)):
+    for label, (files, count) in enumerate(zip(train_pool, counts, strict=True)):
         chosen = sorted(rng.choice(len(files), count, replace=False))
         train += [(files[i], label) for i in chosen]
     test = [(f, label) for label, files in enumerate(test_pool) for f in files]

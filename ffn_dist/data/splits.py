@@ -52,7 +52,7 @@ class Split:
         return Split(
             self.path,
             self.root,
-            tuple(f for f, k in zip(self.files, keep) if k),
+            tuple(f for f, k in zip(self.files, keep, strict=True) if k),
             self.labels[keep],
             self.lines[keep],
             self.num_classes,

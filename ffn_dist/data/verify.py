@@ -39,6 +39,6 @@ def find_bad_images(split: Split, workers: int = 2, indices=None, show_progress=
             reasons = progress(reasons, desc=f"verifying {split.path.name}", total=len(indices))
         return [
             BadImage(i, split.where(i), reason)
-            for i, reason in zip(indices, reasons)
+            for i, reason in zip(indices, reasons, strict=True)
             if reason is not None
         ]
