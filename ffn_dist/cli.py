@@ -23,6 +23,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_train_backbones(args) -> int:
+    from ffn_dist.stages.backbones import train_backbones
+
+    train_backbones(_config(args))
+    return 0
+
+
 def cmd_show_config(args) -> int:
     import yaml
 
@@ -107,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline for a config (today: the data stage)")
     _add_config_args(run)
     run.set_defaults(func=cmd_run)
+
+    stage1 = sub.add_parser("train-backbones", help="stage 1: CE and KPS backbones (under torchrun)")
+    _add_config_args(stage1)
+    stage1.set_defaults(func=cmd_train_backbones)
 
     show = sub.add_parser("show-config", help="print the fully resolved config")
     _add_config_args(show)

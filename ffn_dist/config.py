@@ -94,6 +94,13 @@ class Stage1Config:
     kps_max_m: float = opt(0.2, ge=0.0)
     kps_s: float = opt(15.0, gt=0.0)
     kps_ga_epoch: int = opt(120, ge=0, doc="epoch from which KPS uses per-class scales")
+    scale_lr: bool = opt(
+        False, doc="lr x group size: the base lr is for one process's batch (linear scaling rule)"
+    )
+    eval_every: int = opt(10, ge=1, doc="evaluate on the test split every N epochs (and at the end)")
+    checkpoint_every: int = opt(10, ge=1, doc="checkpoint every N epochs (and at the end)")
+    keep_checkpoints: int = opt(3, ge=1, doc="newest checkpoints kept per branch")
+    log_every: int = opt(20, ge=1, doc="console/TensorBoard interval in steps")
 
     def validate(self, prefix: str) -> None:
         if len(self.lr_milestones) != len(self.lr_factors):

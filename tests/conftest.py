@@ -59,3 +59,44 @@ def run_ffn(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """The installed `ffn` command, as a user runs it."""
     cmd = [sys.executable, "-m", "ffn_dist.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(demo_root, tmp_path_factory) -> Path:
+    """A small long-tailed subset of the demo data for training tests: 12..2 train images per
+    class, and 61 test images (not a multiple of any group size)."""
+    root = tmp_path_factory.mktemp("tiny")
+    train = [line.split() for line in (demo_root / "train.txt").read_text().splitlines()]
+    test = [line.split() for line in (demo_root / "test.txt").read_text().splitlines()]
+    keep = {c: max(2, 12 - c) for c in range(10)}
+    taken = {c: 0 for c in range(10)}
+    lines = []
+    for path, label in train:
+        if taken[int(label)] < keep[int(label)]:
+            taken[int(label)] += 1
+            lines.append(f"{path} {label}\n")
+    (root / "train.txt").write_text("".join(lines))
+    (root / "test.txt").write_text("".join(f"{p} {c}\n" for p, c in test[::4][:61]))
+    for entry in demo_root.iterdir():
+        if entry.is_dir():
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+def tiny_overrides(root: Path, out: Path, *extra) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.builtin=null",
+        f"output_dir={out}",
+        "data.batch_size=16",
+        "data.num_threads=1",
+        "stage1.epochs=2",
+        "stage1.warmup_epochs=1",
+        "stage1.lr_milestones=[]",
+        "stage1.lr_factors=[]",
+        "stage1.kps_ga_epoch=1",
+        "stage1.eval_every=1",
+        "stage1.checkpoint_every=1",
+        "stage1.log_every=100",
+        *extra,
+    ]

@@ -1,0 +1,81 @@
+"""Checkpoints: written atomically, loaded with `weights_only=True`, the newest K kept.
+
+A checkpoint is `epoch_NNNN.pt` in its directory, written as `epoch_NNNN.pt.tmp` and
+renamed when complete, so a kill during the write leaves the previous one as the latest.
+It records the config hash; resuming under another config is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ffn_dist.errors import FFNError
+
+NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
+
+
+class CheckpointError(FFNError):
+    pass
+
+
+class ConfigMismatch(CheckpointError):
+    pass
+
+
+def checkpoint_path(directory: Path, epoch: int) -> Path:
+    return Path(directory) / f"epoch_{epoch:04d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary files are not listed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), directory / m.group(0)) for p in directory.iterdir() if (m := NAME.match(p.name))
+    ]
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, epoch)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path, config_hash: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or holding objects that could run code
+        raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+    if state.get("config_hash") != config_hash:
+        raise ConfigMismatch(
+            f"{path}: written by a different config (hash {state.get('config_hash')}, this run "
+            f"{config_hash}); use another output_dir or the config that wrote it"
+        )
+    return state
+
+
+def load_latest(directory: Path, config_hash: str) -> dict | None:
+    """The newest checkpoint that loads; a damaged newer one is reported and skipped."""
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(path, config_hash)
+        except ConfigMismatch:
+            raise
+        except CheckpointError as exc:
+            print(f"warning: skipping {exc}")
+    return None

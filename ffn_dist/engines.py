@@ -1,0 +1,47 @@
+"""Data-parallel engines for one branch's process group: DDP or DeepSpeed, one interface.
+
+Both average gradients only inside the branch's group. The trainer sees forward,
+backward_step, set_lr, state / load_state and the unwrapped `module`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ffn_dist.distributed import Branch, World
+
+
+class DDPEngine:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, branch: Branch, world: World):
+        self.module, self.optimizer = model, optimizer
+        device_ids = [world.local_rank] if world.device.type == "cuda" else None
+        self.model = DistributedDataParallel(model, process_group=branch.group, device_ids=device_ids)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def wrap_for_training(cfg, model, optimizer, branch: Branch, world: World):
+    if cfg.dist.engine == "deepspeed":
+        from ffn_dist.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, optimizer, branch, world)
+    return DDPEngine(model, optimizer, branch, world)

@@ -1,0 +1,257 @@
+"""Stage 1 of FFN: the CE and KPS backbones, trained concurrently on two process groups.
+
+`ffn train-backbones CONFIG` under torchrun (any number of processes, including 1) or the
+SLURM launcher. Each rank trains the branch its group owns (with one process, both, one
+after the other); gradients are averaged only inside the branch's group. A rerun with the
+same output directory resumes each branch from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ffn_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ffn_dist.config import Config, config_hash, save_config
+from ffn_dist.data.dataset import Dataset, open_dataset
+from ffn_dist.data.loader import build_loader
+from ffn_dist.data.mixup import mixup
+from ffn_dist.distributed import BRANCHES, Branch, World, average_buffers, init_world, make_branches
+from ffn_dist.engines import wrap_for_training
+from ffn_dist.losses import CELoss, KPSLoss
+from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
+from ffn_dist.models import CosineHead, LinearHead, build_backbone
+from ffn_dist.models.precision import autocast, place_images, place_model
+
+
+class Network(nn.Module):
+    """A trunk and its head; `embed` gives the trunk's pooled embedding alone."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_network(cfg: Config, branch: str) -> Network:
+    """CE: linear head; KPS: cosine head. Seeded per branch, so a group's replicas start equal."""
+    torch.manual_seed(cfg.seed * len(BRANCHES) + BRANCHES.index(branch))
+    backbone = build_backbone(cfg.model.arch)
+    head_cls = LinearHead if branch == "ce" else CosineHead
+    return Network(backbone, head_cls(backbone.embedding_dim, cfg.data.num_classes))
+
+
+def build_loss(cfg: Config, branch: str, class_counts: np.ndarray) -> nn.Module:
+    if branch == "ce":
+        return CELoss(cfg.data.num_classes)
+    return KPSLoss(class_counts, max_m=cfg.stage1.kps_max_m, s=cfg.stage1.kps_s)
+
+
+def lr_factor(cfg: Config, epoch_progress: float) -> float:
+    """Linear warm-up over `warmup_epochs`, then the step factors from their milestones."""
+    s1 = cfg.stage1
+    if epoch_progress < s1.warmup_epochs:
+        return (epoch_progress + 1e-8) / s1.warmup_epochs
+    factor = 1.0
+    for milestone, milestone_factor in zip(s1.lr_milestones, s1.lr_factors, strict=True):
+        if epoch_progress >= milestone:
+            factor = milestone_factor
+    return factor
+
+
+def base_lr(cfg: Config, group_size: int) -> float:
+    """`stage1.lr` is for one process's batch; with scale_lr it grows with the group's batch."""
+    return cfg.stage1.lr * (group_size if cfg.stage1.scale_lr else 1)
+
+
+def branch_dir(cfg: Config, branch: str) -> Path:
+    return Path(cfg.output_dir) / "stage1" / branch
+
+
+def evaluate(model: nn.Module, loader, branch: Branch, world: World, cfg: Config, counts) -> dict:
+    """Top-1/top-5/per-class/shot-group accuracy of the branch's own head on a split."""
+    model.eval()
+    indices, labels, topk = [], [], []
+    with torch.no_grad(), autocast(world.device, cfg.model.precision):
+        for batch in loader:
+            logits = model(place_images(batch.images, world.device))
+            indices.append(batch.indices.to(world.device))
+            labels.append(batch.labels.to(world.device))
+            topk.append(top_k(logits.float()))
+    model.train()
+    _, gathered_labels, gathered_topk = gather_predictions(
+        torch.cat(indices), torch.cat(labels), torch.cat(topk), branch.group, branch.size
+    )
+    return accuracy_report(gathered_labels, gathered_topk, counts)
+
+
+class _Console:
+    """Progress lines on the group's first rank: loss, lr, images/s, ETA."""
+
+    def __init__(self, branch: Branch, total_steps: int, done_steps: int):
+        self.branch, self.total, self.done = branch, total_steps, done_steps
+        self.start = time.perf_counter()
+        self.start_done = done_steps
+
+    def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float, rate: float):
+        if not self.branch.is_first:
+            return
+        elapsed = time.perf_counter() - self.start
+        per_step = elapsed / max(self.done - self.start_done, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.total - self.done)))
+        print(
+            f"[{self.branch.name}] epoch {epoch + 1}/{epochs} step {step + 1}/{steps} "
+            f"loss {loss:.4f} lr {lr:.4g} {rate:,.0f} img/s eta {eta}",
+            flush=True,
+        )
+
+
+class BranchTrainer:
+    def __init__(self, cfg: Config, world: World, branch: Branch, dataset: Dataset):
+        self.cfg, self.world, self.branch = cfg, world, branch
+        self.counts = dataset.train.class_counts()
+        self.dir = branch_dir(cfg, branch.name)
+        self.hash = config_hash(cfg)
+        net = place_model(build_network(cfg, branch.name), world.device)
+        self.loss = build_loss(cfg, branch.name, self.counts).to(world.device)
+        self.lr = base_lr(cfg, branch.size)
+        optimizer = torch.optim.SGD(
+            net.parameters(), lr=self.lr, momentum=cfg.stage1.momentum, weight_decay=cfg.stage1.weight_decay
+        )
+        self.engine = wrap_for_training(cfg, net, optimizer, branch, world)
+        loader_args = dict(
+            rank=branch.rank, size=branch.size, seed=cfg.seed, group=branch.group, device=world.device
+        )
+        self.train_loader = build_loader(cfg.data, dataset.train, train=True, **loader_args)
+        self.test_loader = build_loader(cfg.data, dataset.test, train=False, **loader_args)
+        self.writer = None
+        if branch.is_first:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / branch.name))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> int:
+        """Load the latest complete checkpoint the group's first rank sees; 0 if none."""
+        latest = [list_checkpoints(self.dir)[-1][0] if list_checkpoints(self.dir) else 0]
+        dist.broadcast_object_list(latest, src=self.branch.ranks[0], group=self.branch.group)
+        epoch = latest[0]
+        if epoch == 0:
+            return 0
+        state = load_checkpoint(self.dir / f"epoch_{epoch:04d}.pt", self.hash)
+        self.engine.load_state(state)
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.branch.is_first:
+            print(f"[{self.branch.name}] resuming from {self.dir}/epoch_{epoch:04d}.pt", flush=True)
+        return epoch
+
+    def _checkpoint(self, epoch: int) -> None:
+        state = self.engine.state()
+        state.update(
+            epoch=epoch, config_hash=self.hash, branch=self.branch.name, rng={"torch": torch.get_rng_state()}
+        )
+        if self.branch.is_first:
+            save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
+
+    # ------------------------------------------------------------------ training
+    def run(self) -> dict | None:
+        s1, name = self.cfg.stage1, self.branch.name
+        start = self._resume()
+        steps = len(self.train_loader)
+        console = _Console(self.branch, s1.epochs * steps, start * steps)
+        global_batch = self.cfg.data.batch_size * self.branch.size
+        report = None
+        for epoch in range(start, s1.epochs):
+            if isinstance(self.loss, KPSLoss):
+                self.loss.per_class_scale = epoch >= s1.kps_ga_epoch
+            self.train_loader.set_epoch(epoch)
+            rng = np.random.default_rng([self.cfg.seed, BRANCHES.index(name), epoch, self.branch.rank])
+            tick = time.perf_counter()
+            for step, batch in enumerate(self.train_loader):
+                lr = self.lr * lr_factor(self.cfg, epoch + step / steps)
+                self.engine.set_lr(lr)
+                images = place_images(batch.images, self.world.device)
+                labels = batch.labels.to(self.world.device)
+                images, y_a, y_b, lam = mixup(images, labels, s1.mixup_alpha, rng)
+                with autocast(self.world.device, self.cfg.model.precision):
+                    logits = self.engine.forward(images)
+                loss = self.loss(logits, (y_a, y_b, lam))
+                self.engine.backward_step(loss)
+                console.done += 1
+                if (step + 1) % s1.log_every == 0 or step + 1 == steps:
+                    rate = global_batch * (step + 1) / (time.perf_counter() - tick)
+                    console.step(epoch, s1.epochs, step, steps, loss.item(), lr, rate)
+                    self._scalars(
+                        {"loss": loss.item(), "lr": lr, "images_per_s": rate}, epoch * steps + step + 1
+                    )
+            average_buffers(self.engine.module, self.branch)
+            last = epoch + 1 == s1.epochs
+            if (epoch + 1) % s1.eval_every == 0 or last:
+                report = evaluate(
+                    self.engine.module, self.test_loader, self.branch, self.world, self.cfg, self.counts
+                )
+                self._log_eval(epoch + 1, report)
+            if (epoch + 1) % s1.checkpoint_every == 0 or last:
+                self._checkpoint(epoch + 1)
+        if report is None:  # already complete: evaluate the final weights for the report
+            report = evaluate(
+                self.engine.module, self.test_loader, self.branch, self.world, self.cfg, self.counts
+            )
+        self._write_report(report)
+        if self.writer:
+            self.writer.close()
+        return report
+
+    def _scalars(self, values: dict, step: int) -> None:
+        if self.writer:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(f"{self.branch.name}/{key}", value, step)
+
+    def _log_eval(self, epoch: int, report: dict) -> None:
+        groups = {k: report[k] for k in ("top1", "top5", "many", "medium", "few")}
+        self._scalars({f"test/{k}": v for k, v in groups.items()}, epoch)
+        if self.branch.is_first:
+            shown = " ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in groups.items())
+            print(f"[{self.branch.name}] epoch {epoch} test: {shown}", flush=True)
+
+    def _write_report(self, report: dict) -> None:
+        if not self.branch.is_first:
+            return
+        path = self.dir / "report.json"
+        body = {
+            "branch": self.branch.name,
+            "epochs": self.cfg.stage1.epochs,
+            "train_counts": self.counts.tolist(),
+            "test": report,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2))
+        tmp.replace(path)
+
+
+def train_backbones(cfg: Config) -> dict[str, dict]:
+    world = init_world()
+    if world.rank == 0:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    dataset = open_dataset(cfg.data)
+    reports = {}
+    try:
+        for branch in make_branches(world, cfg.dist.kps_ranks):
+            reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return reports

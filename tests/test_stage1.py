@@ -1,0 +1,118 @@
+"""Stage 1 with real torchrun processes over gloo, on a tiny long-tailed subset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from ffn_dist.checkpoint import list_checkpoints
+from tests.conftest import REPO, run_ffn, run_torchrun, tiny_overrides
+
+WORKER = Path(__file__).parent / "workers" / "stage1_replicas.py"
+
+
+def report(out, branch):
+    return json.loads((out / "stage1" / branch / "report.json").read_text())
+
+
+def final_weights(out, branch, epoch):
+    state = torch.load(out / "stage1" / branch / f"epoch_{epoch:04d}.pt", weights_only=True)
+    return state["model"]
+
+
+def test_one_process_trains_both_branches_and_resume_equals_uninterrupted(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        tiny_root, out, "data.backend=torch", "stage1.epochs=3", "stage1.keep_checkpoints=5"
+    )
+    result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[ce] epoch 3 test:" in result.stdout and "[kps] epoch 3 test:" in result.stdout
+    for branch in ("ce", "kps"):
+        assert [e for e, _ in list_checkpoints(out / "stage1" / branch)] == [1, 2, 3]
+        assert report(out, branch)["test"]["samples"] == 61
+    uninterrupted = {b: final_weights(out, b, 3) for b in ("ce", "kps")}
+    # interrupt after epoch 2: drop the last checkpoint, rerun, and it retrains only epoch 3
+    for branch in ("ce", "kps"):
+        (out / "stage1" / branch / "epoch_0003.pt").unlink()
+    result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[ce] resuming from" in result.stdout and "epoch 1/3" not in result.stdout
+    for branch in ("ce", "kps"):
+        resumed = final_weights(out, branch, 3)
+        for key, value in uninterrupted[branch].items():
+            assert torch.equal(resumed[key], value), f"{branch}: {key} differs after resume"
+
+
+def test_checkpoint_of_another_config_is_refused(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_root, out, "stage1.epochs=1")
+    assert run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args).returncode == 0
+    result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args, "stage1.lr=0.05")
+    assert result.returncode == 2
+    assert "written by a different config" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("nproc, kps_ranks", [(2, "null"), (4, "null"), (4, "3")])
+def test_groups_are_data_parallel_only_inside_themselves(tiny_root, tmp_path, nproc, kps_ranks):
+    out = tmp_path / "run"
+    run_torchrun(
+        nproc,
+        WORKER,
+        tmp_path,
+        *tiny_overrides(tiny_root, out, "stage1.epochs=1", f"dist.kps_ranks={kps_ranks}"),
+        timeout=600,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+    kps_count = nproc // 2 if kps_ranks == "null" else int(kps_ranks)
+    ce = [r["ce"] for r in ranks if "ce" in r]
+    kps = [r["kps"] for r in ranks if "kps" in r]
+    assert (len(ce), len(kps)) == (nproc - kps_count, kps_count)
+    assert len({r["all"] for r in ce}) == 1 and len({r["all"] for r in kps}) == 1  # replicas equal
+    assert ce[0]["trunk"] != kps[0]["trunk"]  # the groups train apart
+    # every group evaluated the whole test split once, padding dropped
+    assert report(out, "ce")["test"]["samples"] == report(out, "kps")["test"]["samples"] == 61
+
+
+def test_killed_worker_restarts_and_resumes_under_max_restarts(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=2",
+        "-m",
+        "ffn_dist.cli",
+        "train-backbones",
+        str(REPO / "configs" / "demo.yaml"),
+        *tiny_overrides(tiny_root, out, "stage1.epochs=5"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "log.txt", "w") as log:
+        job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while not list_checkpoints(out / "stage1" / "kps") and time.time() < deadline:
+            time.sleep(0.2)
+        assert list_checkpoints(out / "stage1" / "kps"), "no checkpoint appeared"
+        workers = [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if "ffn_dist.cli" in " ".join(p.cmdline())
+        ]
+        assert workers
+        workers[-1].send_signal(signal.SIGKILL)
+        assert job.wait(timeout=600) == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "resuming from" in text, text[-3000:]
+    for branch in ("ce", "kps"):
+        assert list_checkpoints(out / "stage1" / branch)[-1][0] == 5
+        assert report(out, branch)["epochs"] == 5
