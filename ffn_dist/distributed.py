@@ -95,9 +95,8 @@ def make_branches(world: World, kps_ranks: int | None) -> list[Branch]:
 def average_buffers(module: torch.nn.Module, branch: Branch) -> None:
     """Average float buffers (BatchNorm running statistics) over the group.
 
-    DDP broadcasts buffers at the start of each forward, so after the last step every
-    replica holds statistics of its own last batch; averaging makes the replicas identical
-    again before evaluation and checkpoints, and is the better estimate.
+    Each replica's running statistics follow its own batches during an epoch; averaging
+    them makes the replicas identical again before evaluation and checkpoints.
     """
     if branch.size == 1:
         return

@@ -17,7 +17,12 @@ class DDPEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, branch: Branch, world: World):
         self.module, self.optimizer = model, optimizer
         device_ids = [world.local_rank] if world.device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, process_group=branch.group, device_ids=device_ids)
+        # BatchNorm statistics stay per replica during an epoch and are averaged at its end
+        # (distributed.average_buffers), as under DeepSpeed, instead of rank 0's overwriting
+        # the others at every forward.
+        self.model = DistributedDataParallel(
+            model, process_group=branch.group, device_ids=device_ids, broadcast_buffers=False
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

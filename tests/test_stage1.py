@@ -116,3 +116,24 @@ def test_killed_worker_restarts_and_resumes_under_max_restarts(tiny_root, tmp_pa
     for branch in ("ce", "kps"):
         assert list_checkpoints(out / "stage1" / branch)[-1][0] == 5
         assert report(out, branch)["epochs"] == 5
+
+
+def test_ddp_and_deepspeed_give_the_same_weights(tiny_root, tmp_path):
+    weights = {}
+    for engine in ("ddp", "deepspeed"):
+        out = tmp_path / engine
+        out.mkdir()
+        run_torchrun(
+            4,
+            WORKER,
+            out,
+            *tiny_overrides(tiny_root, out / "run", "stage1.epochs=1", f"dist.engine={engine}"),
+            timeout=600,
+        )
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+        assert len({r[b]["all"] for r in ranks for b in r if b == "kps"}) == 1
+        weights[engine] = {b: torch.load(out / f"{b}.pt", weights_only=True) for b in ("ce", "kps")}
+    for branch in ("ce", "kps"):
+        for key, value in weights["ddp"][branch].items():
+            other = weights["deepspeed"][branch][key]
+            assert torch.allclose(value.double(), other.double(), rtol=1e-4, atol=1e-5), f"{branch}.{key}"

@@ -1,5 +1,6 @@
 """torchrun worker: stage 1 as `ffn train-backbones` runs it, then every rank writes a digest
-of its own weights, so the test can compare replicas inside and across groups.
+of its own weights, so the test can compare replicas inside and across groups, and each
+group's first rank saves its weights.
 
 argv: OUT_DIR then config overrides.
 """
@@ -9,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ffn_dist.config import load_config
@@ -38,6 +40,8 @@ def main(out_dir, *overrides):
             "all": digest(trainer.engine.module),
             "group_rank": branch.rank,
         }
+        if branch.is_first:
+            torch.save(trainer.engine.module.state_dict(), Path(out_dir, f"{branch.name}.pt"))
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
