@@ -17,9 +17,9 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
-    from ffn_dist.stages.prepare import prepare
+    from ffn_dist.stages.pipeline import run_pipeline
 
-    prepare(_config(args))
+    run_pipeline(_config(args), args.config, args.overrides)
     return 0
 
 
@@ -95,8 +95,24 @@ def cmd_bench_loader(args) -> int:
     if bool(args.cifar_split) != bool(args.cifar_root):
         raise FFNError("--cifar-split and --cifar-root go together")
     result = bench_loader(
-        args.cifar_split, args.cifar_root, args.threads, args.batch_size, args.images, args.rounds
+        args.cifar_split,
+        args.cifar_root,
+        args.threads,
+        args.batch_size,
+        args.images,
+        args.rounds,
+        args.large_images,
     )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from ffn_dist.bench.train import bench_train
+    from ffn_dist.config import load_config
+
+    result = bench_train(load_config(args.config, args.overrides), args.steps, args.rounds)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the pipeline for a config (today: the data stage)")
+    run = sub.add_parser("run", help="the whole pipeline for a config (today: data, stage 1)")
     _add_config_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -169,8 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--batch-size", type=int, default=64)
     loader.add_argument("--images", type=int, default=6400, help="images timed per CIFAR round")
     loader.add_argument("--rounds", type=int, default=3)
+    loader.add_argument("--large-images", type=int, default=512, help="generated 400x350 JPEGs")
     loader.add_argument("--json-out", default=None)
     loader.set_defaults(func=cmd_bench_loader)
+    train = bench_sub.add_parser("train", help="stage-1 step vs a bare PyTorch loop, and with the loader")
+    train.add_argument("config", nargs="?", default="configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="a.b.c=value")
+    train.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    train.add_argument("--rounds", type=int, default=3)
+    train.add_argument("--json-out", default=None)
+    train.set_defaults(func=cmd_bench_train)
     return parser
 
 

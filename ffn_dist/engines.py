@@ -21,7 +21,7 @@ class DDPEngine:
         # (distributed.average_buffers), as under DeepSpeed, instead of rank 0's overwriting
         # the others at every forward.
         self.model = DistributedDataParallel(
-            model, process_group=branch.group, device_ids=device_ids, broadcast_buffers=False
+            model, process_group=branch.group, device_ids=device_ids, forward_sync_buffers=False
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

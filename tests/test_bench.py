@@ -13,6 +13,8 @@ def test_bench_loader_prints_both_backends(tmp_path):
         "1",
         "--batch-size",
         "32",
+        "--large-images",
+        "64",
         "--json-out",
         tmp_path / "loader.json",
     )
@@ -23,3 +25,31 @@ def test_bench_loader_prints_both_backends(tmp_path):
     figures = json.loads((tmp_path / "loader.json").read_text())
     assert len(figures["results"]) == 2
     assert all(r["dali_img_s"] > 0 and r["torch_img_s"] > 0 for r in figures["results"])
+
+
+def test_bench_train_compares_stage1_step_with_bare_loop(tmp_path):
+    import json
+
+    result = run_ffn(
+        "bench",
+        "train",
+        "configs/demo.yaml",
+        f"data.root={tmp_path / 'demo'}",
+        "data.batch_size=16",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--json-out",
+        tmp_path / "t.json",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "t.json").read_text())
+    assert set(figures["images_per_s"]) == {
+        "bare PyTorch loop",
+        "stage-1 step (mixup, KPS, engine)",
+        "end to end (dali loader)",
+        "dali loader alone",
+    }
+    assert all(v > 0 for v in figures["images_per_s"].values())
+    assert "| bare PyTorch loop |" in result.stdout

@@ -71,9 +71,15 @@ def bench_loader(
     batch_size: int,
     num_images: int,
     rounds: int,
-    work_dir: str | None = None,
+    large_images: int = 512,
 ) -> dict:
-    work = Path(work_dir or tempfile.mkdtemp(prefix="ffn-bench-loader-"))
+    with tempfile.TemporaryDirectory(prefix="ffn-bench-loader-") as work:
+        return _bench_in(
+            Path(work), cifar_split, cifar_root, threads, batch_size, num_images, rounds, large_images
+        )
+
+
+def _bench_in(work: Path, cifar_split, cifar_root, threads, batch_size, num_images, rounds, large_images):
     if cifar_split:
         small_split = read_split(cifar_split, cifar_root)
         small_name = f"CIFAR JPEGs ({Path(cifar_split).name})"
@@ -86,7 +92,7 @@ def bench_loader(
     large_root.mkdir(parents=True, exist_ok=True)
     large_file = large_root / "train.txt"
     if not large_file.exists():
-        write_large_jpegs(large_root, 512)
+        write_large_jpegs(large_root, large_images)
     large_split = read_split(large_file, large_root)
 
     common = dict(batch_size=batch_size, num_threads=threads, num_classes=max(small_split.num_classes, 10))

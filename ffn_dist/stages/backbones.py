@@ -166,6 +166,20 @@ class BranchTrainer:
             save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
 
     # ------------------------------------------------------------------ training
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, lr: float
+    ) -> torch.Tensor:
+        """One optimisation step of the branch: mixup, forward, loss, backward, update."""
+        self.engine.set_lr(lr)
+        images = place_images(images, self.world.device)
+        labels = labels.to(self.world.device)
+        images, y_a, y_b, lam = mixup(images, labels, self.cfg.stage1.mixup_alpha, rng)
+        with autocast(self.world.device, self.cfg.model.precision):
+            logits = self.engine.forward(images)
+        loss = self.loss(logits, (y_a, y_b, lam))
+        self.engine.backward_step(loss)
+        return loss
+
     def run(self) -> dict | None:
         s1, name = self.cfg.stage1, self.branch.name
         start = self._resume()
@@ -181,14 +195,7 @@ class BranchTrainer:
             tick = time.perf_counter()
             for step, batch in enumerate(self.train_loader):
                 lr = self.lr * lr_factor(self.cfg, epoch + step / steps)
-                self.engine.set_lr(lr)
-                images = place_images(batch.images, self.world.device)
-                labels = batch.labels.to(self.world.device)
-                images, y_a, y_b, lam = mixup(images, labels, s1.mixup_alpha, rng)
-                with autocast(self.world.device, self.cfg.model.precision):
-                    logits = self.engine.forward(images)
-                loss = self.loss(logits, (y_a, y_b, lam))
-                self.engine.backward_step(loss)
+                loss = self.train_step(batch.images, batch.labels, rng, lr)
                 console.done += 1
                 if (step + 1) % s1.log_every == 0 or step + 1 == steps:
                     rate = global_batch * (step + 1) / (time.perf_counter() - tick)

@@ -1,20 +1,13 @@
-"""The data stage of a run: write the resolved config, check the splits, read every image once.
-
-Reading each split through the configured loader proves the data path (files, decoding,
-transforms) end to end before any GPU time is spent, and reports its throughput.
-"""
+"""The data stage of a run: write the resolved config, check the splits, print their statistics."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ffn_dist.config import Config, save_config
 from ffn_dist.data.dataset import Dataset, open_dataset
-from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import split_stats
-from ffn_dist.progress import progress
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
@@ -36,27 +29,11 @@ def format_stats_table(stats: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def read_through_loader(cfg: Config, dataset: Dataset) -> dict[str, float]:
-    rates = {}
-    for name, split in dataset.splits().items():
-        loader = build_loader(cfg.data, split, train=name == "train", seed=cfg.seed)
-        start, seen = time.perf_counter(), 0
-        for batch in progress(loader, desc=f"reading {name} ({cfg.data.backend})", unit="batch"):
-            seen += len(batch.labels)
-        rates[name] = seen / (time.perf_counter() - start)
-    return rates
-
-
 def prepare(cfg: Config) -> Dataset:
     run_dir = Path(cfg.output_dir)
     save_config(cfg, run_dir / "config.yaml")
     dataset = open_dataset(cfg.data)
     stats = {name: split_stats(split) for name, split in dataset.splits().items()}
-    print(format_stats_table(stats))
-    rates = read_through_loader(cfg, dataset)
-    for name, rate in rates.items():
-        print(f"{name}: every image read through the {cfg.data.backend} loader, {rate:,.0f} img/s")
-    report = {"splits": stats, "loader_images_per_s": rates, "backend": cfg.data.backend}
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
-    print(f"run directory: {run_dir} (config.yaml, data_report.json)")
+    print(format_stats_table(stats), flush=True)
+    (run_dir / "data_report.json").write_text(json.dumps({"splits": stats}, indent=2))
     return dataset
