@@ -2,6 +2,8 @@
 
 A checkpoint is `epoch_NNNN.pt` in its directory, written as `epoch_NNNN.pt.tmp` and
 renamed when complete, so a kill during the write leaves the previous one as the latest.
+When each rank holds a shard of the optimizer state (ZeRO 1-2), the shards are written
+first as `epoch_NNNN.shardR.pt`, and `epoch_NNNN.pt`, renamed last, marks them complete.
 It records the config hash; resuming under another config is refused.
 """
 
@@ -30,6 +32,25 @@ def checkpoint_path(directory: Path, epoch: int) -> Path:
     return Path(directory) / f"epoch_{epoch:04d}.pt"
 
 
+def shard_path(directory: Path, epoch: int, rank: int) -> Path:
+    return Path(directory) / f"epoch_{epoch:04d}.shard{rank}.pt"
+
+
+def _atomic_save(state: dict, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return path
+
+
+def save_shard(directory: Path, epoch: int, rank: int, state: dict) -> Path:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return _atomic_save(state, shard_path(directory, epoch, rank))
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporary files are not listed)."""
     directory = Path(directory)
@@ -44,21 +65,19 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, epoch)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    for _, old in list_checkpoints(directory)[:-keep]:
+    path = _atomic_save(state, checkpoint_path(directory, epoch))
+    for old_epoch, old in list_checkpoints(directory)[:-keep]:
         old.unlink()
+        for shard in directory.glob(f"epoch_{old_epoch:04d}.shard*.pt"):
+            shard.unlink()
     return path
 
 
-def load_checkpoint(path: Path, config_hash: str) -> dict:
+def load_checkpoint(path: Path, config_hash: str, safe_classes: tuple = ()) -> dict:
+    """`safe_classes`: plain data classes an engine's state holds, allowed by name."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_classes)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, or holding objects that could run code
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from None
     if state.get("config_hash") != config_hash:

@@ -3,9 +3,8 @@
 `deepspeed.initialize` takes no process group; it takes an `mpu` whose data-parallel group
 is the branch's group and whose model-parallel group is the rank alone (None would make
 the gradient-norm all-reduce span the world). Weights and optimizer state stay fp32; on
-CUDA the forward runs under the same bf16 autocast as the DDP engine. Checkpoints are the
-trainer's own (full state dicts), so ZeRO is limited to stages that keep a full optimizer
-state on each rank: ZeRO stage 0 (stages 1-2, which partition it, are refused for now).
+CUDA the forward runs under the same bf16 autocast as the DDP engine. ZeRO stages 1-2
+partition the optimizer state over the group: each rank then checkpoints its own shard.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ffn_dist.distributed import Branch, World
-from ffn_dist.errors import FFNError
+from ffn_dist.engines import Engine
 
 
 class _BranchMPU:
@@ -50,15 +49,10 @@ def _own_groups(world: World) -> list:
     return [dist.new_group([r]) for r in range(world.size)] if world.size > 1 else []
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     def __init__(self, cfg, model, optimizer, branch: Branch, world: World):
         import deepspeed
 
-        if cfg.dist.zero_stage > 0:
-            raise FFNError(
-                f"dist.zero_stage: got {cfg.dist.zero_stage}; this release checkpoints full "
-                "optimizer states, so the deepspeed engine runs ZeRO stage 0 (expected 0)"
-            )
         # Only used for inference all-reduce, and a 2-minute C++ build on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = {
@@ -75,7 +69,15 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, mpu=mpu, dist_init_required=False
         )
-        self.module = model
+        self.module, self.branch = model, branch
+        self.sharded_optimizer = cfg.dist.zero_stage > 0
+        if self.sharded_optimizer:
+            from deepspeed.runtime.fp16.loss_scaler import LossScaler
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+            from deepspeed.utils.tensor_fragment import fragment_address
+
+            # Plain-data classes a ZeRO optimizer state holds; nothing else may be unpickled.
+            self.safe_classes = (ZeroStageEnum, fragment_address, LossScaler)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images)
@@ -84,13 +86,12 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
         self.engine.step()
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def state(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
     def load_state(self, state: dict) -> None:
+        if not self.sharded_optimizer:
+            return super().load_state(state)
+        # A ZeRO optimizer loads from the list of every rank's state and reads its own entry;
+        # the model goes first, since it refreshes its fp32 partition from the weights.
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        shards = [None] * self.branch.size
+        shards[self.branch.rank] = state["optimizer"]
+        self.optimizer.load_state_dict(shards)

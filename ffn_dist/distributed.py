@@ -7,6 +7,7 @@ branches train in it, one after the other.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -64,8 +65,34 @@ def init_world() -> World:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(rank, size),
+            rank=rank,
+            world_size=size,
+            device_id=device if device.type == "cuda" else None,
+        )
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _attempt_store(rank: int, size: int) -> dist.Store:
+    """The rendezvous store, its keys prefixed with torchrun's restart count.
+
+    After `--max-restarts` restarts the workers, the agent's store still holds the
+    addresses the killed workers published; without a per-attempt prefix a new worker can
+    read a dead peer's address and fail or hang while connecting.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=datetime.timedelta(minutes=30),
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"ffn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def branch_ranks(world_size: int, kps_ranks: int | None) -> dict[str, tuple[int, ...]]:

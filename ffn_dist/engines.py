@@ -13,7 +13,27 @@ from torch.nn.parallel import DistributedDataParallel
 from ffn_dist.distributed import Branch, World
 
 
-class DDPEngine:
+class Engine:
+    """What both engines share: the unwrapped `module`, its optimizer, lr and state."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    sharded_optimizer = False  # True when each rank holds only its part of the optimizer state
+    safe_classes: tuple = ()  # classes, besides tensors and containers, its state may hold
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DDPEngine(Engine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, branch: Branch, world: World):
         self.module, self.optimizer = model, optimizer
         device_ids = [world.local_rank] if world.device.type == "cuda" else None
@@ -31,17 +51,6 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def state(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def wrap_for_training(cfg, model, optimizer, branch: Branch, world: World):

@@ -118,22 +118,48 @@ def test_killed_worker_restarts_and_resumes_under_max_restarts(tiny_root, tmp_pa
         assert report(out, branch)["epochs"] == 5
 
 
-def test_ddp_and_deepspeed_give_the_same_weights(tiny_root, tmp_path):
-    weights = {}
-    for engine in ("ddp", "deepspeed"):
-        out = tmp_path / engine
-        out.mkdir()
-        run_torchrun(
-            4,
-            WORKER,
-            out,
-            *tiny_overrides(tiny_root, out / "run", "stage1.epochs=1", f"dist.engine={engine}"),
-            timeout=600,
-        )
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
-        assert len({r[b]["all"] for r in ranks for b in r if b == "kps"}) == 1
-        weights[engine] = {b: torch.load(out / f"{b}.pt", weights_only=True) for b in ("ce", "kps")}
+def run_replicas(tiny_root, out, *extra):
+    out.mkdir(exist_ok=True)
+    result = run_torchrun(4, WORKER, out, *tiny_overrides(tiny_root, out / "run", *extra), timeout=600)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
     for branch in ("ce", "kps"):
-        for key, value in weights["ddp"][branch].items():
-            other = weights["deepspeed"][branch][key]
-            assert torch.allclose(value.double(), other.double(), rtol=1e-4, atol=1e-5), f"{branch}.{key}"
+        assert len({r[branch]["all"] for r in ranks if branch in r}) == 1  # replicas equal
+    weights = {b: torch.load(out / f"{b}.pt", weights_only=True) for b in ("ce", "kps")}
+    return weights, result.stdout
+
+
+def assert_same_weights(expected, actual, rtol=1e-4, atol=1e-5):
+    for branch in ("ce", "kps"):
+        for key, value in expected[branch].items():
+            other = actual[branch][key]
+            assert torch.allclose(value.double(), other.double(), rtol=rtol, atol=atol), f"{branch}.{key}"
+
+
+def test_ddp_and_deepspeed_zero_0_1_2_give_the_same_weights(tiny_root, tmp_path):
+    ddp, _ = run_replicas(tiny_root, tmp_path / "ddp", "stage1.epochs=1")
+    for stage in (0, 1, 2):
+        deepspeed, _ = run_replicas(
+            tiny_root,
+            tmp_path / f"zero{stage}",
+            "stage1.epochs=1",
+            "dist.engine=deepspeed",
+            f"dist.zero_stage={stage}",
+        )
+        assert_same_weights(ddp, deepspeed)
+
+
+def test_deepspeed_zero2_resumes_from_its_sharded_checkpoint(tiny_root, tmp_path):
+    # the torch backend: its augmentations are a function of (seed, epoch, sample), as DALI's are not
+    args = ("stage1.epochs=2", "dist.engine=deepspeed", "dist.zero_stage=2", "data.backend=torch")
+    full, _ = run_replicas(tiny_root, tmp_path / "a", *args)
+    kps_dir = tmp_path / "a" / "run" / "stage1" / "kps"
+    assert sorted(p.name for p in kps_dir.glob("epoch_0002*")) == [
+        "epoch_0002.pt",
+        "epoch_0002.shard0.pt",
+        "epoch_0002.shard1.pt",
+    ]
+    for branch in ("ce", "kps"):
+        (tmp_path / "a" / "run" / "stage1" / branch / "epoch_0002.pt").unlink()  # "killed" before it
+    resumed, log = run_replicas(tiny_root, tmp_path / "a", *args)
+    assert "[kps] resuming from" in log and "epoch_0001.pt" in log
+    assert_same_weights(full, resumed, rtol=0, atol=1e-6)

@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ffn_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ffn_dist.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_shard,
+    shard_path,
+)
 from ffn_dist.config import Config, config_hash, save_config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.loader import build_loader
@@ -145,16 +153,27 @@ class BranchTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> int:
         """Load the latest complete checkpoint the group's first rank sees; 0 if none."""
-        latest = [list_checkpoints(self.dir)[-1][0] if list_checkpoints(self.dir) else 0]
+        found = list_checkpoints(self.dir)
+        latest = [found[-1][0] if found else 0]
         dist.broadcast_object_list(latest, src=self.branch.ranks[0], group=self.branch.group)
         epoch = latest[0]
         if epoch == 0:
             return 0
-        state = load_checkpoint(self.dir / f"epoch_{epoch:04d}.pt", self.hash)
+        safe = self.engine.safe_classes
+        state = load_checkpoint(checkpoint_path(self.dir, epoch), self.hash, safe)
+        shards = state.get("optimizer_shards")
+        if shards:
+            if shards != self.branch.size:
+                raise CheckpointError(
+                    f"{checkpoint_path(self.dir, epoch)}: its optimizer state is split over {shards} "
+                    f"ranks, this {self.branch.name} group has {self.branch.size}"
+                )
+            shard = shard_path(self.dir, epoch, self.branch.rank)
+            state["optimizer"] = load_checkpoint(shard, self.hash, safe)["optimizer"]
         self.engine.load_state(state)
         torch.set_rng_state(state["rng"]["torch"])
         if self.branch.is_first:
-            print(f"[{self.branch.name}] resuming from {self.dir}/epoch_{epoch:04d}.pt", flush=True)
+            print(f"[{self.branch.name}] resuming from {checkpoint_path(self.dir, epoch)}", flush=True)
         return epoch
 
     def _checkpoint(self, epoch: int) -> None:
@@ -162,6 +181,16 @@ class BranchTrainer:
         state.update(
             epoch=epoch, config_hash=self.hash, branch=self.branch.name, rng={"torch": torch.get_rng_state()}
         )
+        if self.engine.sharded_optimizer:
+            # Every rank writes its shard; the main file, written after all, marks completion.
+            save_shard(
+                self.dir,
+                epoch,
+                self.branch.rank,
+                {"optimizer": state.pop("optimizer"), "config_hash": self.hash},
+            )
+            state.update(optimizer=None, optimizer_shards=self.branch.size)
+            dist.barrier(group=self.branch.group)
         if self.branch.is_first:
             save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
 
