@@ -109,11 +109,14 @@ class _Console:
     """Progress lines on the group's first rank: loss, lr, images/s, ETA."""
 
     def __init__(self, branch: Branch, total_steps: int, done_steps: int):
-        self.branch, self.total, self.done = branch, total_steps, done_steps
+        self.branch, self.total = branch, total_steps
+        self.done = self.start_done = done_steps  # a resumed run's ETA counts from its start
         self.start = time.perf_counter()
-        self.start_done = done_steps
 
-    def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float, rate: float):
+    def advance(self) -> None:
+        self.done += 1
+
+    def report(self, epoch: int, epochs: int, step: int, steps: int, loss: float, lr: float, rate: float):
         if not self.branch.is_first:
             return
         elapsed = time.perf_counter() - self.start
@@ -225,10 +228,10 @@ class BranchTrainer:
             for step, batch in enumerate(self.train_loader):
                 lr = self.lr * lr_factor(self.cfg, epoch + step / steps)
                 loss = self.train_step(batch.images, batch.labels, rng, lr)
-                console.done += 1
+                console.advance()
                 if (step + 1) % s1.log_every == 0 or step + 1 == steps:
                     rate = global_batch * (step + 1) / (time.perf_counter() - tick)
-                    console.step(epoch, s1.epochs, step, steps, loss.item(), lr, rate)
+                    console.report(epoch, s1.epochs, step, steps, loss.item(), lr, rate)
                     self._scalars(
                         {"loss": loss.item(), "lr": lr, "images_per_s": rate}, epoch * steps + step + 1
                     )
