@@ -28,13 +28,15 @@ class _SplitDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
         try:
             with Image.open(self.split.image_path(index)) as image:
                 image = image.convert("RGB")
         except OSError:
             return self.placeholder, -1, -1 - index
-        return self.transform(image), int(self.split.labels[index]), index
+        # fork_rng: with 0 workers this runs in the training process, whose RNG stays its own
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            return self.transform(image), int(self.split.labels[index]), index
 
 
 class _EpochSampler(Sampler):
