@@ -88,11 +88,12 @@ def load_checkpoint(path: Path, config_hash: str, safe_classes: tuple = ()) -> d
     return state
 
 
-def load_latest(directory: Path, config_hash: str) -> dict | None:
-    """The newest checkpoint that loads; a damaged newer one is reported and skipped."""
-    for _, path in reversed(list_checkpoints(directory)):
+def load_latest(directory: Path, config_hash: str, safe_classes: tuple = ()) -> tuple[int, dict] | None:
+    """(epoch, state) of the newest checkpoint that loads; a damaged newer one is reported
+    and skipped. None if there is none."""
+    for epoch, path in reversed(list_checkpoints(directory)):
         try:
-            return load_checkpoint(path, config_hash)
+            return epoch, load_checkpoint(path, config_hash, safe_classes)
         except ConfigMismatch:
             raise
         except CheckpointError as exc:

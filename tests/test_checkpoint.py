@@ -24,14 +24,14 @@ def test_keeps_the_newest_k_and_ignores_partial_writes(tmp_path):
         save_checkpoint(tmp_path, epoch, state(epoch), keep=3)
     assert [e for e, _ in list_checkpoints(tmp_path)] == [3, 4, 5]
     (tmp_path / "epoch_0006.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
-    assert load_latest(tmp_path, "abc")["epoch"] == 5
+    assert load_latest(tmp_path, "abc")[1]["epoch"] == 5
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     save_checkpoint(tmp_path, 1, state(1), keep=3)
     path = save_checkpoint(tmp_path, 2, state(2), keep=3)
     path.write_bytes(path.read_bytes()[:50])
-    assert load_latest(tmp_path, "abc")["epoch"] == 1
+    assert load_latest(tmp_path, "abc")[0] == 1
     assert "epoch_0002.pt: cannot be loaded safely" in capsys.readouterr().out
 
 

@@ -165,3 +165,16 @@ def test_deepspeed_zero2_resumes_from_its_sharded_checkpoint(tiny_root, tmp_path
     resumed, log = run_replicas(tiny_root, tmp_path / "a", *args)
     assert "[kps] resuming from" in log and "epoch_0001.pt" in log
     assert_same_weights(full, resumed, rtol=0, atol=1e-6)
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_root, out, "stage1.epochs=2")
+    assert run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args).returncode == 0
+    newest = out / "stage1" / "ce" / "epoch_0002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # as if the disk had lost its end
+    result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: skipping" in result.stdout and "epoch_0002.pt: cannot be loaded safely" in result.stdout
+    assert f"[ce] resuming from {out / 'stage1' / 'ce' / 'epoch_0001.pt'}" in result.stdout
+    assert torch.load(newest, weights_only=True)["epoch"] == 2  # retrained and rewritten

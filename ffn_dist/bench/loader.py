@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import itertools
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ffn_dist.bench.timing import images_per_second, interleaved_medians, markdown_table
+from ffn_dist.bench.timing import endless_batches, images_per_second, interleaved_medians, markdown_table
 from ffn_dist.config import DataConfig
 from ffn_dist.data.builtin import ensure_builtin
 from ffn_dist.data.loader import build_loader
@@ -43,17 +42,10 @@ def write_large_jpegs(out_dir: Path, count: int, seed: int = 0) -> Path:
     return out_dir / "train.txt"
 
 
-def _endless_labels(loader):
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        for batch in loader:
-            yield batch.labels
-
-
 def _rate(data_cfg: DataConfig, split: Split, backend: str, num_images: int) -> float:
     loader = build_loader(data_cfg, split, train=True, backend=backend, device=torch.device("cpu"))
 
-    stream = _endless_labels(loader)
+    stream = (batch.labels for batch in endless_batches(loader))
     try:
         return images_per_second(stream, num_images)
     finally:

@@ -16,6 +16,15 @@ def images_per_second(batches, num_images: int, warmup_batches: int = 2) -> floa
     return seen / (time.perf_counter() - start)
 
 
+def endless_batches(loader):
+    """A loader's batches, epoch after epoch, for timing a fixed number of steps."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
     """Run every runner once per round, alternating, so machine noise hits all alike."""
     results = {name: [] for name in runners}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffn_dist.bench.timing import interleaved_medians, markdown_table
+from ffn_dist.bench.timing import endless_batches, interleaved_medians, markdown_table
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.distributed import init_world, make_branches
@@ -31,14 +31,6 @@ def _timed(step, batch_size: int, steps: int, warmup: int = 2) -> float:
     for _ in range(steps):
         step()
     return batch_size * steps / (time.perf_counter() - start)
-
-
-def _loader_batches(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
@@ -68,13 +60,13 @@ def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
     def stage1_step():
         trainer.train_step(images, labels, rng, 0.01)
 
-    fed = _loader_batches(trainer.train_loader)
+    fed = endless_batches(trainer.train_loader)
 
     def end_to_end_step():
         batch = next(fed)
         trainer.train_step(batch.images, batch.labels, rng, 0.01)
 
-    drained = _loader_batches(trainer.train_loader)
+    drained = endless_batches(trainer.train_loader)
 
     def loader_step():
         next(drained)

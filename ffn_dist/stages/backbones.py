@@ -21,8 +21,8 @@ from torch import nn
 from ffn_dist.checkpoint import (
     CheckpointError,
     checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
+    load_latest,
     save_checkpoint,
     save_shard,
     shard_path,
@@ -155,15 +155,15 @@ class BranchTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> int:
-        """Load the latest complete checkpoint the group's first rank sees; 0 if none."""
-        found = list_checkpoints(self.dir)
-        latest = [found[-1][0] if found else 0]
-        dist.broadcast_object_list(latest, src=self.branch.ranks[0], group=self.branch.group)
-        epoch = latest[0]
+        """Load the latest checkpoint that the group's first rank can load; 0 if none."""
+        safe = self.engine.safe_classes
+        latest = load_latest(self.dir, self.hash, safe) if self.branch.is_first else None
+        chosen = [latest[0] if latest else 0]
+        dist.broadcast_object_list(chosen, src=self.branch.ranks[0], group=self.branch.group)
+        epoch = chosen[0]
         if epoch == 0:
             return 0
-        safe = self.engine.safe_classes
-        state = load_checkpoint(checkpoint_path(self.dir, epoch), self.hash, safe)
+        state = latest[1] if latest else load_checkpoint(checkpoint_path(self.dir, epoch), self.hash, safe)
         shards = state.get("optimizer_shards")
         if shards:
             if shards != self.branch.size:
