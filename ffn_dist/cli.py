@@ -30,6 +30,28 @@ def cmd_train_backbones(args) -> int:
     return 0
 
 
+def cmd_cache_features(args) -> int:
+    from ffn_dist.stages.cache import cache_features
+
+    cache_features(_config(args), rebuild=args.rebuild)
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    from ffn_dist.stages.classifier import parse_sweep, train_classifier
+
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    train_classifier(_config(args), sweep)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ffn_dist.stages.evaluate import evaluate_run
+
+    evaluate_run(_config(args), tsne=args.tsne)
+    return 0
+
+
 def cmd_show_config(args) -> int:
     import yaml
 
@@ -127,13 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="the whole pipeline for a config (today: data, stage 1)")
+    run = sub.add_parser("run", help="the whole pipeline: data, stage 1, feature cache, classifier, report")
     _add_config_args(run)
     run.set_defaults(func=cmd_run)
 
     stage1 = sub.add_parser("train-backbones", help="stage 1: CE and KPS backbones (under torchrun)")
     _add_config_args(stage1)
     stage1.set_defaults(func=cmd_train_backbones)
+
+    cache = sub.add_parser(
+        "cache-features", help="stage 2a: frozen backbones -> sharded embeddings (torchrun)"
+    )
+    _add_config_args(cache)
+    cache.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="replace a cache made from other backbones or settings (default: refuse)",
+    )
+    cache.set_defaults(func=cmd_cache_features)
+
+    classifier = sub.add_parser("train-classifier", help="stage 2b: LDAM cosine classifier on the cache")
+    _add_config_args(classifier)
+    classifier.add_argument(
+        "--sweep", default=None, metavar="w1=START:STOP:STEP", help="one classifier per fusion weight"
+    )
+    classifier.set_defaults(func=cmd_train_classifier)
+
+    evaluate = sub.add_parser("evaluate", help="CE, KPS and FFN test accuracy: JSON, Markdown, plots")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     show = sub.add_parser("show-config", help="print the fully resolved config")
     _add_config_args(show)

@@ -135,6 +135,21 @@ class Stage2Config:
 
 
 @dataclass
+class CacheConfig:
+    train_views: int = opt(
+        1, ge=1, doc="views per training image: view 0 the eval transform, the rest train-augmented"
+    )
+    store: str = opt(
+        "normalized",
+        choices=["normalized", "fused"],
+        doc="normalized: both branches' unit embeddings (w1 can change later); fused: only z (half the size)",
+    )
+    dtype: str = opt("fp16", choices=["fp16", "fp32"])
+    shard_rows: int = opt(16384, ge=1, doc="rows per shard file; a shard is the unit of resume")
+    batch_size: int = opt(256, ge=1, doc="images per forward pass while extracting")
+
+
+@dataclass
 class DistConfig:
     engine: str = opt("ddp", choices=["ddp", "deepspeed"])
     nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
@@ -151,6 +166,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -282,8 +298,13 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Config) -> str:
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=True)
+def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+    """Hash of the resolved config, or of the named top-level `sections` only (so that, say,
+    stage 1's checkpoints stay valid when a stage-2 setting changes)."""
+    values = config_to_dict(cfg)
+    if sections is not None:
+        values = {name: values[name] for name in sections}
+    text = yaml.safe_dump(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

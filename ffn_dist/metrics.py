@@ -41,11 +41,22 @@ def accuracy_report(labels: np.ndarray, topk: np.ndarray, train_counts: np.ndarr
         "top1": float(100.0 * correct1.mean()),
         "top5": float(100.0 * correct5.mean()),
     }
-    for name, mask in shot_groups(train_counts).items():
+    for name, mask in {**shot_groups(train_counts), **halves(train_counts)}.items():
         in_group = mask[labels]
         report[name] = float(100.0 * correct1[in_group].mean()) if in_group.any() else None
     report["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
     return report
+
+
+def halves(train_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Class masks of the C//2 most frequent ("head") and C//2 least frequent ("tail") classes;
+    CIFAR-10-LT has no few-shot class, so these are how its tail is reported."""
+    by_size = np.argsort(-np.asarray(train_counts), kind="stable")
+    half = len(by_size) // 2
+    masks = {"head": np.zeros(len(by_size), bool), "tail": np.zeros(len(by_size), bool)}
+    masks["head"][by_size[:half]] = True
+    masks["tail"][by_size[len(by_size) - half :]] = True
+    return masks
 
 
 def top_k(logits: torch.Tensor) -> torch.Tensor:

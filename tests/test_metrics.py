@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ffn_dist.config import load_config
-from ffn_dist.metrics import accuracy_report, gather_predictions
+from ffn_dist.metrics import accuracy_report, gather_predictions, halves
 from ffn_dist.stages.backbones import lr_factor
 
 
@@ -25,6 +25,15 @@ def test_accuracy_report_per_class_and_shot_groups():
     assert report["per_class"] == [50.0, 100.0, 0.0]
     assert (report["many"], report["medium"], report["few"]) == (50.0, 100.0, 0.0)
     assert accuracy_report(labels[:4], topk[:4], np.array([150, 150, 150]))["few"] is None
+    # halves: class 0 is the head half, class 2 the tail half, the middle class in neither
+    assert (report["head"], report["tail"]) == (50.0, 0.0)
+
+
+def test_halves_follow_class_size_not_class_id():
+    counts = np.array([3, 90, 7, 500, 40, 1])
+    masks = halves(counts)
+    assert np.flatnonzero(masks["head"]).tolist() == [1, 3, 4]
+    assert np.flatnonzero(masks["tail"]).tolist() == [0, 2, 5]
 
 
 def test_lr_schedule_warmup_then_steps():

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from ffn_dist.errors import FFNError
 from ffn_dist.models import CosineHead, LinearHead, build_backbone, fused_embedding
+from ffn_dist.models.heads import CosineLogits
 from ffn_dist.models.precision import autocast, place_images, place_model, uses_bf16
 
 
@@ -41,15 +42,38 @@ def test_unknown_backbone_is_refused():
 
 def test_cosine_head_logits_are_cosines_and_init_copies():
     head = CosineHead(8, 5)
-    assert torch.allclose(head.weight.norm(dim=0), torch.ones(5))
+    assert torch.allclose(head.weight.norm(dim=1), torch.ones(5))
     f = torch.randn(4, 8)
-    expected = torch.stack(
-        [F.cosine_similarity(f, head.weight[:, c].expand(4, 8), dim=1) for c in range(5)], 1
-    )
+    expected = torch.stack([F.cosine_similarity(f, head.weight[c].expand(4, 8), dim=1) for c in range(5)], 1)
     assert torch.allclose(head(f), expected, atol=1e-6)
     clone = CosineHead.from_head(head)
     assert torch.equal(clone.weight, head.weight) and clone.weight is not head.weight
     assert LinearHead(8, 5)(f).shape == (4, 5)
+
+
+def test_cosine_logits_gradient_matches_autograd_of_the_formula():
+    z = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(CosineLogits.apply, (z, w))
+    z32, w32 = torch.randn(64, 32), torch.randn(10, 32) * 3
+    grad_out = torch.randn(64, 10)
+    ours = [t.clone().requires_grad_() for t in (z32, w32)]
+    CosineLogits.apply(*ours).backward(grad_out)
+    plain = [t.clone().requires_grad_() for t in (z32, w32)]
+    (plain[0] @ F.normalize(plain[1], dim=1).t()).backward(grad_out)
+    for a, b in zip(ours, plain, strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_cosine_head_runs_in_fp32_under_bf16_autocast():
+    head = CosineHead(16, 3)
+    features = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features.bfloat16())
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, head(features.bfloat16().float()), atol=2e-2)
+    logits.sum().backward()
+    assert head.weight.grad.dtype == torch.float32 and features.grad is not None
 
 
 def test_fusion_identity():
@@ -61,7 +85,7 @@ def test_fusion_identity():
         mixed_logits = w1 * head(f_kps) + w2 * head(f_ce)
         fused_logits = head(fused_embedding(f_kps, f_ce, w1, w2), normalized=True)
         assert torch.allclose(mixed_logits, fused_logits, atol=1e-6)
-        direct = (w1 * F.normalize(f_kps) + w2 * F.normalize(f_ce)) @ F.normalize(head.weight, dim=0)
+        direct = (w1 * F.normalize(f_kps) + w2 * F.normalize(f_ce)) @ F.normalize(head.weight, dim=1).t()
         assert torch.allclose(fused_logits, direct, atol=1e-6)
 
 

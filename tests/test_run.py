@@ -8,10 +8,17 @@ import yaml
 
 from tests.conftest import REPO, run_ffn
 
-SHORT = ["stage1.epochs=1", "stage1.eval_every=1", "stage1.checkpoint_every=1", "data.batch_size=32"]
+SHORT = [
+    "stage1.epochs=1",
+    "stage1.eval_every=1",
+    "stage1.checkpoint_every=1",
+    "data.batch_size=32",
+    "cache.train_views=2",
+    "stage2.epochs=2",
+]
 
 
-def test_run_demo_writes_dataset_trains_stage1_and_skips_it_when_complete(tmp_path):
+def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
     shutil.copy(REPO / "configs" / "demo.yaml", tmp_path / "demo.yaml")
     result = run_ffn("run", "demo.yaml", *SHORT, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -22,12 +29,19 @@ def test_run_demo_writes_dataset_trains_stage1_and_skips_it_when_complete(tmp_pa
     assert report["splits"]["train"]["samples"] == 585 and report["splits"]["test"]["samples"] == 300
     assert (tmp_path / "data" / "demo" / "train.txt").is_file()  # the built-in data was written
     assert "| train | 585 | 10 |" in result.stdout
-    for branch in ("ce", "kps"):
-        stage1 = json.loads((run_dir / "stage1" / branch / "report.json").read_text())
-        assert stage1["test"]["samples"] == 300
-        assert f"| {branch.upper()} | " in result.stdout
+    manifest = json.loads((run_dir / "cache" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 2 * 585 and manifest["splits"]["test"]["rows"] == 300
+    final = json.loads((run_dir / "report" / "report.json").read_text())
+    assert list(final["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert all(m["samples"] == 300 for m in final["methods"].values())
+    assert (run_dir / "report" / "per_class.png").stat().st_size > 1000
+    for method in final["methods"]:  # the final table ends the output
+        assert f"| {method} | " in result.stdout.split("test accuracy (%), demo:")[-1]
     again = run_ffn("run", "demo.yaml", *SHORT, cwd=tmp_path)
-    assert again.returncode == 0 and "stage 1: complete" in again.stdout and "skipped" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    for skipped in ("stage 1: complete", "cache: complete", "classifier w1=0.50: complete"):
+        assert skipped in again.stdout
+    assert json.loads((run_dir / "report" / "report.json").read_text())["methods"] == final["methods"]
 
 
 def test_run_refuses_bad_config_with_one_line_and_writes_nothing(tmp_path):

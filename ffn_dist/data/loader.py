@@ -105,15 +105,17 @@ def build_loader(
     group=None,
     device: torch.device | None = None,
     backend: str | None = None,
+    order: str | None = None,
 ) -> Loader:
     """The loader for rank `rank` of a process group of `size` ranks (`group` for collectives).
 
     train: shuffled (or class-balanced) order, train transform; otherwise the split in order
-    with the eval transform.
+    with the eval transform. `order` overrides the order (the feature cache reads augmented
+    views sequentially).
     """
     if data_cfg.on_bad_image == "skip":
         split = exclude_bad_images(split, data_cfg.num_threads, rank, size, group)
-    order = ("balanced" if balanced else "shuffle") if train else "sequential"
+    order = order or (("balanced" if balanced else "shuffle") if train else "sequential")
     sampler = ShardSampler(split.labels, order, rank, size, seed)
     spec = TransformSpec.from_config(data_cfg, train)
     device = device or default_device()

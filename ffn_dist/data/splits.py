@@ -46,17 +46,22 @@ class Split:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
 
-    def without(self, indices) -> Split:
-        keep = np.ones(len(self), dtype=bool)
-        keep[list(indices)] = False
+    def subset(self, indices) -> Split:
+        """The samples at `indices`, in that order (line numbers kept, so errors still point home)."""
+        idx = np.asarray(indices, dtype=np.int64)
         return Split(
             self.path,
             self.root,
-            tuple(f for f, k in zip(self.files, keep, strict=True) if k),
-            self.labels[keep],
-            self.lines[keep],
+            tuple(self.files[i] for i in idx),
+            self.labels[idx],
+            self.lines[idx],
             self.num_classes,
         )
+
+    def without(self, indices) -> Split:
+        keep = np.ones(len(self), dtype=bool)
+        keep[list(indices)] = False
+        return self.subset(np.flatnonzero(keep))
 
 
 def _check_relative(path: str, where: str) -> None:

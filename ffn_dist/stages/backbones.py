@@ -84,6 +84,18 @@ def base_lr(cfg: Config, group_size: int) -> float:
     return cfg.stage1.lr * (group_size if cfg.stage1.scale_lr else 1)
 
 
+STAGE1_SECTIONS = ("seed", "data", "model", "stage1", "dist")
+
+
+def stage1_hash(cfg: Config) -> str:
+    """What stage-1 checkpoints are tied to: changing a stage-2 or cache setting keeps them."""
+    return config_hash(cfg, STAGE1_SECTIONS)
+
+
+def final_checkpoint(cfg: Config, branch: str) -> Path:
+    return checkpoint_path(branch_dir(cfg, branch), cfg.stage1.epochs)
+
+
 def branch_dir(cfg: Config, branch: str) -> Path:
     return Path(cfg.output_dir) / "stage1" / branch
 
@@ -134,7 +146,7 @@ class BranchTrainer:
         self.cfg, self.world, self.branch = cfg, world, branch
         self.counts = dataset.train.class_counts()
         self.dir = branch_dir(cfg, branch.name)
-        self.hash = config_hash(cfg)
+        self.hash = stage1_hash(cfg)
         net = place_model(build_network(cfg, branch.name), world.device)
         self.loss = build_loss(cfg, branch.name, self.counts).to(world.device)
         self.lr = base_lr(cfg, branch.size)

@@ -1,21 +1,25 @@
 """`ffn run CONFIG`: the stages in order, each skipped when its outputs are complete.
 
-Stage 1 runs under torchrun with `dist.nproc` processes, started here, so that one command
-on one machine does what the SLURM launcher does across nodes.
+Stage 1 and the feature cache run under torchrun with `dist.nproc` processes, started here,
+so that one command on one machine does what the SLURM launcher does across nodes; the
+classifier (seconds per epoch on the cache) and the report run in this process.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from ffn_dist.cache.store import read_manifest
 from ffn_dist.checkpoint import list_checkpoints
 from ffn_dist.config import Config
 from ffn_dist.distributed import BRANCHES
 from ffn_dist.errors import FFNError
 from ffn_dist.stages.backbones import branch_dir
+from ffn_dist.stages.cache import cache_dir, open_run_cache
+from ffn_dist.stages.classifier import train_classifier
+from ffn_dist.stages.evaluate import evaluate_run
 from ffn_dist.stages.prepare import prepare
 
 
@@ -31,7 +35,18 @@ def stage1_complete(cfg: Config) -> bool:
     return True
 
 
-def run_stage1(cfg: Config, config_path: str, overrides: list[str]) -> None:
+def cache_complete(cfg: Config) -> bool:
+    try:
+        open_run_cache(cfg)
+    except FFNError as exc:
+        if read_manifest(cache_dir(cfg)) is not None:
+            print(f"cache: {exc}", flush=True)
+        return False
+    return True
+
+
+def torchrun(cfg: Config, command: str, config_path: str, overrides: list[str], *extra: str) -> None:
+    """`command` under torchrun on this machine, `dist.nproc` processes."""
     cmd = [
         sys.executable,
         "-m",
@@ -40,33 +55,27 @@ def run_stage1(cfg: Config, config_path: str, overrides: list[str]) -> None:
         f"--nproc-per-node={cfg.dist.nproc}",
         "-m",
         "ffn_dist.cli",
-        "train-backbones",
+        command,
         config_path,
         *overrides,
+        *extra,
     ]
-    print(f"stage 1: {' '.join(cmd[2:])}", flush=True)
+    print(f"{command}: {' '.join(cmd[2:])}", flush=True)
     if subprocess.run(cmd).returncode != 0:  # argument list, no shell: nothing is interpolated
-        raise FFNError(
-            f"stage 1 failed; its output is above, checkpoints in {Path(cfg.output_dir) / 'stage1'}"
-        )
+        raise FFNError(f"{command} failed; its output is above (run directory {cfg.output_dir})")
 
 
-def stage1_table(cfg: Config) -> str:
-    rows = ["| branch | top-1 | top-5 | many | medium | few |", "|---|---|---|---|---|---|"]
-    for branch in BRANCHES:
-        test = json.loads((branch_dir(cfg, branch) / "report.json").read_text())["test"]
-        cells = [
-            "-" if test[k] is None else f"{test[k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")
-        ]
-        rows.append(f"| {branch.upper()} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def run_pipeline(cfg: Config, config_path: str, overrides: list[str]) -> None:
+def run_pipeline(cfg: Config, config_path: str, overrides: list[str]) -> dict:
     prepare(cfg)
     if stage1_complete(cfg):
-        print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped")
+        print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped", flush=True)
     else:
-        run_stage1(cfg, config_path, overrides)
-    print("\nstage 1, test accuracy (%) of each branch's own head:")
-    print(stage1_table(cfg))
+        torchrun(cfg, "train-backbones", config_path, overrides)
+    if cache_complete(cfg):
+        print(f"cache: complete in {cache_dir(cfg)}, skipped", flush=True)
+    else:
+        # A cache made from older backbones or settings is replaced, not refused: stage 1
+        # or the config changed on purpose, and the fingerprint says how.
+        torchrun(cfg, "cache-features", config_path, overrides, "--rebuild")
+    train_classifier(cfg)
+    return evaluate_run(cfg)

@@ -1,0 +1,1 @@
+"""The feature cache's storage: safetensors shards, their manifest, and a memory-mapped reader."""

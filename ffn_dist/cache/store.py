@@ -1,0 +1,150 @@
+"""A feature cache on disk: `manifest.json` and shards per split and view, read as one table.
+
+The manifest is written last, so its presence means every shard it lists was complete. It
+records the fingerprint the cache was made from (the sha256 of both backbone checkpoints
+and every setting that changes an embedding); a reader whose fingerprint differs is refused
+with the list of what changed, and every shard is checked against its recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffn_dist.cache.shards import CacheError, MappedShard, shard_problem
+
+MANIFEST = "manifest.json"
+
+
+def describe_changes(recorded: dict, current: dict) -> list[str]:
+    """Human-readable differences between two fingerprints."""
+    changes = []
+    for branch, old in recorded.get("backbones", {}).items():
+        new = current["backbones"].get(branch, {})
+        if old.get("sha256") != new.get("sha256"):
+            was, now = str(old.get("sha256"))[:12], str(new.get("sha256"))[:12]
+            changes.append(
+                f"the {branch} backbone checkpoint changed ({old.get('checkpoint')} sha256 {was}..., "
+                f"now {new.get('checkpoint')} {now}...)"
+            )
+    old_settings, new_settings = recorded.get("settings", {}), current["settings"]
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(key) != new_settings.get(key):
+            changes.append(f"{key}: {old_settings.get(key)!r} when cached, {new_settings.get(key)!r} now")
+    return changes
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{path}: not valid JSON ({exc}); delete the cache directory and rebuild") from None
+
+
+def write_manifest(directory: Path, body: dict) -> Path:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    tmp.replace(path)
+    return path
+
+
+class CachedSplit:
+    """All rows of one split (every view), gathered from memory-mapped shards on demand."""
+
+    def __init__(self, name: str, shards: list[MappedShard], store: str, fusion: dict | None):
+        self.name, self.shards, self.store, self.fusion = name, shards, store, fusion
+        sizes = np.array([s.rows for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(shards) else np.zeros(0, np.int64)
+        self.labels = np.concatenate([np.asarray(s["labels"]) for s in shards])
+        self.indices = np.concatenate([np.asarray(s["indices"]) for s in shards])
+        self.views = np.concatenate([np.full(s.rows, int(s.metadata["view"])) for s in shards])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows_of_view(self, view: int) -> np.ndarray:
+        return np.flatnonzero(self.views == view)
+
+    def _gather(self, key: str, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        first = self.shards[0][key]
+        out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+        owner = np.searchsorted(self.starts, rows, side="right") - 1
+        for shard in np.unique(owner):
+            picked = np.flatnonzero(owner == shard)
+            out[picked] = self.shards[shard][key][rows[picked] - self.starts[shard]]
+        return out
+
+    def fused(self, rows: np.ndarray, w1: float, w2: float) -> torch.Tensor:
+        """z = w1 * f̂_kps + w2 * f̂_ce for `rows`, float32."""
+        if self.store == "fused":
+            if not np.isclose(self.fusion["w1"], w1):
+                raise CacheError(
+                    f"this cache stores only z for w1={self.fusion['w1']} (cache.store=fused), not w1={w1}; "
+                    "rebuild it with cache.store=normalized to change the fusion weights or sweep them"
+                )
+            return torch.from_numpy(self._gather("fused", rows)).float()
+        kps = torch.from_numpy(self._gather("kps", rows)).float()
+        ce = torch.from_numpy(self._gather("ce", rows)).float()
+        return kps.mul_(w1).add_(ce, alpha=w2)
+
+    def branch(self, rows: np.ndarray, name: str) -> torch.Tensor:
+        """One branch's unit embeddings (only a `normalized` cache has them)."""
+        if self.store == "fused":
+            raise CacheError("this cache stores only the fused embedding (cache.store=fused)")
+        return torch.from_numpy(self._gather(name, rows)).float()
+
+
+@dataclass
+class FeatureCache:
+    directory: Path
+    manifest: dict
+    splits: dict[str, CachedSplit]
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the cache's contents: the hash of its shards' hashes."""
+        digest = hashlib.sha256()
+        for split in sorted(self.manifest["splits"]):
+            for part in self.manifest["splits"][split]["parts"]:
+                digest.update(part["sha256"].encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def dims(self) -> int:
+        return int(self.manifest["dims"])
+
+
+def open_cache(directory: Path, fingerprint: dict, verify: bool = True) -> FeatureCache:
+    """Open a complete cache made from `fingerprint`; refuse a stale, partial or damaged one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise CacheError(f"{directory}: no complete feature cache (no {MANIFEST}); run `ffn cache-features`")
+    changes = describe_changes(manifest["fingerprint"], fingerprint)
+    if changes:
+        raise CacheError(
+            f"{directory / MANIFEST}: the cache no longer matches this config and these backbones: "
+            + "; ".join(changes)
+            + ". Rebuild it with `ffn cache-features CONFIG --rebuild`"
+        )
+    splits = {}
+    for name, entry in manifest["splits"].items():
+        shards = []
+        for part in entry["parts"]:
+            path = directory / part["file"]
+            problem = shard_problem(path, part) if verify else None
+            if problem:
+                raise CacheError(f"{path}: {problem}; rerun `ffn cache-features` to rewrite it")
+            shards.append(MappedShard(path))
+        splits[name] = CachedSplit(name, shards, manifest["store"], manifest.get("fusion"))
+    return FeatureCache(directory, manifest, splits)

@@ -1,0 +1,296 @@
+"""`ffn cache-features CONFIG`: both frozen backbones run once; their embeddings go to shards.
+
+Under torchrun with any number of processes. The work is cut into parts of
+`cache.shard_rows` consecutive samples of one split and one view, independent of the
+number of processes; the parts still missing (or damaged) are dealt round-robin to the
+ranks, so a rerun, or a requeued job with a different size, completes only what is left.
+View 0 of every split uses the eval transform; training views 1..V-1 the stage-1 train
+transform (no mixup), because the method's stage 2 trains on augmented crops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ffn_dist.cache.shards import CacheError, sha256_file, shard_problem, sidecar_path, write_shard
+from ffn_dist.cache.store import FeatureCache, describe_changes, open_cache, read_manifest, write_manifest
+from ffn_dist.checkpoint import load_checkpoint
+from ffn_dist.config import Config, config_to_dict
+from ffn_dist.data.dataset import open_dataset
+from ffn_dist.data.loader import build_loader
+from ffn_dist.data.splits import Split
+from ffn_dist.distributed import BRANCHES, World, init_world
+from ffn_dist.errors import FFNError
+from ffn_dist.models import build_backbone
+from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.progress import progress
+from ffn_dist.stages.backbones import Network, build_network, final_checkpoint, stage1_hash
+
+STORED_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+# Settings an embedding depends on; the data loader's speed knobs are not among them.
+DATA_SETTINGS = (
+    "root",
+    "train_split",
+    "val_split",
+    "test_split",
+    "num_classes",
+    "backend",
+    "train_crop",
+    "image_size",
+    "resize_size",
+    "color_jitter",
+    "mean",
+    "std",
+    "on_bad_image",
+)
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "cache"
+
+
+def cache_settings(cfg: Config) -> dict:
+    settings = {"seed": cfg.seed, "model.arch": cfg.model.arch}
+    settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_SETTINGS})
+    settings.update(
+        {f"cache.{k}": getattr(cfg.cache, k) for k in ("train_views", "store", "dtype", "shard_rows")}
+    )
+    if cfg.cache.store == "fused":
+        settings.update({"stage2.w1": cfg.stage2.w1, "stage2.w2": cfg.stage2.w2})
+    return settings
+
+
+def cache_fingerprint(cfg: Config) -> dict:
+    """What the cache is made from: both final stage-1 checkpoints and the settings above."""
+    backbones = {}
+    for branch in BRANCHES:
+        path = final_checkpoint(cfg, branch)
+        if not path.is_file():
+            raise FFNError(
+                f"{path}: the final stage-1 checkpoint of the {branch} branch is missing; "
+                "run stage 1 first (`ffn run` or `ffn train-backbones`)"
+            )
+        backbones[branch] = {"checkpoint": str(path), "sha256": sha256_file(path)}
+    return {"backbones": backbones, "settings": cache_settings(cfg)}
+
+
+def open_run_cache(cfg: Config) -> FeatureCache:
+    """The run's cache, checked against the current config and checkpoints."""
+    return open_cache(cache_dir(cfg), cache_fingerprint(cfg))
+
+
+@dataclass(frozen=True)
+class Part:
+    split: str
+    view: int
+    number: int
+    start: int  # first and one-past-last sample index of the split
+    stop: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.split}/view{self.view}/part{self.number:05d}.safetensors"
+
+
+def plan_parts(splits: dict[str, Split], cfg: Config) -> list[Part]:
+    rows = cfg.cache.shard_rows
+    parts = []
+    for name, split in splits.items():
+        for view in range(cfg.cache.train_views if name == "train" else 1):
+            for number, start in enumerate(range(0, len(split), rows)):
+                parts.append(Part(name, view, number, start, min(start + rows, len(split))))
+    return parts
+
+
+def load_frozen(cfg: Config, branch: str, device: torch.device) -> Network:
+    state = load_checkpoint(final_checkpoint(cfg, branch), stage1_hash(cfg))
+    network = build_network(cfg, branch)
+    network.load_state_dict(state["model"])
+    network.requires_grad_(False)
+    return place_model(network, device).eval()
+
+
+class _PartWriter:
+    """Collects one rank's rows of one (split, view) in sample order and writes each part
+    as soon as the rows have moved past it."""
+
+    def __init__(self, directory: Path, parts: list[Part], cfg: Config, dims: int):
+        self.directory, self.parts, self.cfg, self.dims = directory, parts, cfg, dims
+        self.stops = np.array([p.stop for p in parts])
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.current = 0
+        self.written = 0
+
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        owner = np.searchsorted(self.stops, rows["indices"].numpy(), side="right")
+        for part in np.unique(owner):
+            while self.current < part:
+                self._flush()
+            mask = torch.from_numpy(owner == part)
+            self.pending.append({k: v[mask] for k, v in rows.items()})
+
+    def close(self) -> None:
+        while self.current < len(self.parts):
+            self._flush()
+
+    def _flush(self) -> None:
+        part = self.parts[self.current]
+        keys = ("fused",) if self.cfg.cache.store == "fused" else ("kps", "ce")
+        if self.pending:
+            tensors = {k: torch.cat([p[k] for p in self.pending]) for k in (*keys, "labels", "indices")}
+        else:  # every image of the part was excluded as unreadable
+            dtype = STORED_DTYPES[self.cfg.cache.dtype]
+            tensors = {k: torch.zeros(0, self.dims, dtype=dtype) for k in keys}
+            tensors.update(labels=torch.zeros(0, dtype=torch.long), indices=torch.zeros(0, dtype=torch.long))
+        metadata = {"split": part.split, "view": str(part.view), "part": str(part.number)}
+        write_shard(self.directory / part.file, tensors, metadata)
+        self.pending, self.current, self.written = [], self.current + 1, self.written + 1
+
+
+def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, world: World) -> dict:
+    stored = STORED_DTYPES[cfg.cache.dtype]
+    with torch.no_grad(), autocast(world.device, cfg.model.precision):
+        images = place_images(images, world.device)
+        unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in BRANCHES}
+    if cfg.cache.store == "fused":
+        fused = cfg.stage2.w1 * unit["kps"] + cfg.stage2.w2 * unit["ce"]
+        return {"fused": fused.to(stored).cpu()}
+    return {b: unit[b].to(stored).cpu() for b in BRANCHES}
+
+
+def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Part], networks, directory):
+    """Run the backbones over this rank's parts of one (split, view) and write them."""
+    wanted = np.concatenate([np.arange(p.start, p.stop) for p in parts])
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.cache.batch_size)
+    subset = split.subset(wanted)
+    loader = build_loader(
+        data_cfg,
+        subset,
+        train=view > 0,
+        order="sequential",
+        seed=cfg.seed,
+        device=world.device,
+    )
+    loader.set_epoch(view)  # each augmented view draws its own crops
+    writer = _PartWriter(directory, parts, cfg, networks["ce"].backbone.embedding_dim)
+    label = f"[cache rank {world.rank}] {parts[0].split} view {view}"
+    bar = progress(desc=label, total=len(subset), disable=world.rank != 0)
+    for batch in loader:
+        # Loader positions -> sample indices of the full split (bad images may have been dropped).
+        lines = loader.split.lines[batch.indices.numpy()]
+        indices = torch.from_numpy(np.searchsorted(split.lines, lines))
+        rows = _embed(networks, batch.images, cfg, world)
+        rows.update(labels=batch.labels.cpu().long(), indices=indices)
+        writer.add(rows)
+        bar.update(len(indices))
+    bar.close()
+    writer.close()
+    return writer.written
+
+
+def _rank0_decides(world: World, decide):
+    """Run `decide()` on rank 0 and give every rank its result, or its error, so no rank hangs."""
+    box = [None]
+    if world.rank == 0:
+        try:
+            box[0] = ("ok", decide())
+        except FFNError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise FFNError(value)
+    return value
+
+
+def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: list[Part]) -> list[Part]:
+    """Rank 0: check the cache matches (or clear it), list the parts still to write."""
+    directory = cache_dir(cfg)
+    recorded = directory / "fingerprint.json"
+    if recorded.is_file():
+        changes = describe_changes(json.loads(recorded.read_text()), fingerprint)
+        if changes and not rebuild:
+            raise CacheError(
+                f"{directory}: this cache was made from other backbones or settings: "
+                + "; ".join(changes)
+                + ". Rerun with --rebuild to replace it, or use another output_dir"
+            )
+        if changes:
+            print(f"cache: replacing {directory}: {'; '.join(changes)}", flush=True)
+            shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = recorded.with_name(recorded.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1))
+    tmp.replace(recorded)
+    missing = []
+    for part in parts:
+        problem = shard_problem(directory / part.file)
+        if problem is None:
+            continue
+        if problem != "missing":
+            print(f"cache: {directory / part.file}: {problem}; rewriting it", flush=True)
+        missing.append(part)
+    print(f"cache: {len(parts) - len(missing)} of {len(parts)} shards already complete", flush=True)
+    return missing
+
+
+def _write_final_manifest(cfg: Config, fingerprint: dict, parts: list[Part], dims: int) -> Path:
+    directory = cache_dir(cfg)
+    splits: dict[str, dict] = {}
+    for part in parts:
+        record = json.loads(sidecar_path(directory / part.file).read_text())
+        entry = splits.setdefault(part.split, {"rows": 0, "parts": []})
+        entry["rows"] += record["rows"]
+        entry["parts"].append({**record, "file": part.file, "view": part.view})
+    body = {
+        "format": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "store": cfg.cache.store,
+        "dtype": cfg.cache.dtype,
+        "dims": dims,
+        "train_views": cfg.cache.train_views,
+        "fusion": {"w1": cfg.stage2.w1, "w2": cfg.stage2.w2} if cfg.cache.store == "fused" else None,
+        "fingerprint": fingerprint,
+        "config": config_to_dict(cfg),
+        "splits": splits,
+    }
+    return write_manifest(directory, body)
+
+
+def cache_features(cfg: Config, rebuild: bool = False) -> Path:
+    """Write (or complete) the run's feature cache; returns the manifest's path."""
+    world = init_world()
+    try:
+        dataset = open_dataset(cfg.data)
+        splits = dataset.splits()
+        parts = plan_parts(splits, cfg)
+        fingerprint = _rank0_decides(world, lambda: cache_fingerprint(cfg))
+        missing = _rank0_decides(world, lambda: _prepare_directory(cfg, fingerprint, rebuild, parts))
+        mine = missing[world.rank :: world.size]
+        written = 0
+        if mine:
+            networks = {b: load_frozen(cfg, b, world.device) for b in BRANCHES}
+            for split_name, view in dict.fromkeys((p.split, p.view) for p in mine):
+                group = [p for p in mine if (p.split, p.view) == (split_name, view)]
+                written += _extract(cfg, world, splits[split_name], view, group, networks, cache_dir(cfg))
+        print(f"[cache rank {world.rank}] wrote {written} shard(s)", flush=True)
+        dist.barrier()
+        dims = build_backbone(cfg.model.arch).embedding_dim
+        manifest = _rank0_decides(world, lambda: _write_final_manifest(cfg, fingerprint, parts, dims))
+        if world.rank == 0:
+            summary = read_manifest(cache_dir(cfg))
+            rows = ", ".join(f"{name} {entry['rows']} rows" for name, entry in summary["splits"].items())
+            print(f"cache: complete, {manifest} ({rows})", flush=True)
+        return manifest
+    finally:
+        dist.destroy_process_group()

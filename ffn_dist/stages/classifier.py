@@ -1,0 +1,237 @@
+"""`ffn train-classifier CONFIG [--sweep w1=0:1:0.1]`: stage 2 of FFN on the feature cache.
+
+A cosine classifier initialised from the KPS head, trained with the LDAM loss on the fused
+embeddings z = w1*f̂_kps + w2*f̂_ce read from the cache, class-balanced re-sampling, SGD and
+cosine decay (spec/FFN.md section 1). One classifier per fusion weight, each in its own
+directory; a finished one (same settings, same cache) is not trained again, so a sweep
+that was interrupted resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffn_dist.cache.store import CachedSplit, FeatureCache
+from ffn_dist.checkpoint import load_checkpoint
+from ffn_dist.config import Config
+from ffn_dist.data.sampling import epoch_order
+from ffn_dist.errors import FFNError
+from ffn_dist.losses import LDAMLoss
+from ffn_dist.metrics import accuracy_report, top_k
+from ffn_dist.models import CosineHead
+from ffn_dist.models.heads import check_fusion_weights
+from ffn_dist.stages.backbones import final_checkpoint, stage1_hash
+from ffn_dist.stages.cache import open_run_cache
+
+GATHER_BATCHES = 64  # batches gathered from the cache at once: fewer, larger reads
+
+
+def classifier_dir(cfg: Config, w1: float) -> Path:
+    return Path(cfg.output_dir) / "classifier" / f"w1_{w1:.2f}"
+
+
+def parse_sweep(text: str) -> list[float]:
+    """`w1=START:STOP:STEP` (both ends included) or `w1=A,B,C`, each in [0, 1]."""
+    key, _, spec = text.partition("=")
+    if key.strip() != "w1" or not spec:
+        raise FFNError(f"--sweep {text!r}: expected w1=START:STOP:STEP or w1=A,B,C")
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            values = list(np.arange(start, stop + step / 2, step))
+        else:
+            values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise FFNError(
+            f"--sweep {text!r}: expected w1=START:STOP:STEP (STEP > 0, STOP >= START) or w1=A,B,C"
+        ) from None
+    values = sorted({round(v, 6) for v in values})
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise FFNError(f"--sweep {text!r}: every w1 must be in [0, 1], got {values}")
+    return values
+
+
+def kps_head_weight(cfg: Config) -> torch.Tensor:
+    """The stage-2 classifier starts from the KPS branch's cosine head."""
+    state = load_checkpoint(final_checkpoint(cfg, "kps"), stage1_hash(cfg))
+    return state["model"]["head.weight"]
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * step / total))
+
+
+def _identity(cfg: Config, cache: FeatureCache, w1: float) -> str:
+    settings = dataclasses.asdict(cfg.stage2)
+    settings.pop("w1"), settings.pop("w2")
+    text = json.dumps(
+        {"seed": cfg.seed, "stage2": settings, "cache": cache.cache_id, "w1": w1}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def predict(head: CosineHead, split: CachedSplit, rows: np.ndarray, w1: float, w2: float, chunk=8192):
+    """Top-k class predictions for `rows` of a cached split."""
+    out = []
+    with torch.no_grad():
+        for begin in range(0, len(rows), chunk):
+            logits = head(split.fused(rows[begin : begin + chunk], w1, w2), normalized=True)
+            out.append(top_k(logits))
+    return torch.cat(out).numpy()
+
+
+def evaluate_cached(head, split: CachedSplit, w1: float, w2: float, train_counts: np.ndarray) -> dict:
+    rows = split.rows_of_view(0)
+    return accuracy_report(split.labels[rows], predict(head, split, rows, w1, w2), train_counts)
+
+
+class ClassifierTrainer:
+    def __init__(self, cfg: Config, cache: FeatureCache, initial_weight: torch.Tensor, writer=None):
+        self.cfg, self.cache, self.initial_weight, self.writer = cfg, cache, initial_weight, writer
+        self.train = cache.splits["train"]
+        self.images = self.train.rows_of_view(0)  # one row per training image
+        self.counts = np.bincount(self.train.labels[self.images], minlength=cfg.data.num_classes)
+
+    def fit(self, w1: float) -> dict:
+        """Train (or reuse) the classifier for fusion weight w1; returns its report."""
+        s2 = self.cfg.stage2
+        w2 = round(1.0 - w1, 6)
+        check_fusion_weights(w1, w2)
+        out = classifier_dir(self.cfg, w1)
+        identity = _identity(self.cfg, self.cache, w1)
+        done = out / "report.json"
+        if done.is_file() and json.loads(done.read_text()).get("identity") == identity:
+            print(f"classifier w1={w1:.2f}: complete in {out}, skipped", flush=True)
+            return json.loads(done.read_text())
+        torch.manual_seed(self.cfg.seed)
+        head = CosineHead(self.cache.dims, self.cfg.data.num_classes)
+        with torch.no_grad():
+            head.weight.copy_(self.initial_weight)
+        loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s)
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay, fused=True
+        )
+        steps = math.ceil(len(self.images) / s2.batch_size)
+        for epoch in range(s2.epochs):
+            tick = time.perf_counter()
+            mean_loss = self._epoch(head, loss_fn, optimizer, epoch, steps, w1, w2)
+            seconds = time.perf_counter() - tick
+            lr = cosine_lr(s2.lr, (epoch + 1) * steps, s2.epochs * steps)
+            print(
+                f"[classifier w1={w1:.2f}] epoch {epoch + 1}/{s2.epochs} loss {mean_loss:.4f} "
+                f"lr {lr:.4g} {seconds:.2f} s ({len(self.images) / seconds:,.0f} rows/s)",
+                flush=True,
+            )
+            if self.writer:
+                self.writer.add_scalar(f"classifier_w1_{w1:.2f}/loss", mean_loss, epoch + 1)
+        report = {
+            "identity": identity,
+            "w1": w1,
+            "w2": w2,
+            "epochs": s2.epochs,
+            "train_counts": self.counts.tolist(),
+        }
+        report["test"] = evaluate_cached(head, self.cache.splits["test"], w1, w2, self.counts)
+        if "val" in self.cache.splits:
+            report["val"] = evaluate_cached(head, self.cache.splits["val"], w1, w2, self.counts)
+        self._save(out, head, report)
+        test = report["test"]
+        print(f"[classifier w1={w1:.2f}] test top-1 {test['top1']:.2f} top-5 {test['top5']:.2f}", flush=True)
+        return report
+
+    def _epoch(self, head, loss_fn, optimizer, epoch: int, steps: int, w1: float, w2: float) -> float:
+        s2 = self.cfg.stage2
+        # Class-balanced draws over every cached view; one epoch = as many draws as images.
+        order = epoch_order(self.train.labels, "balanced", self.cfg.seed, epoch)[: len(self.images)]
+        labels = torch.from_numpy(self.train.labels)
+        total, chunk = 0.0, s2.batch_size * GATHER_BATCHES
+        for begin in range(0, len(order), chunk):
+            rows = order[begin : begin + chunk]
+            features = self.train.fused(rows, w1, w2)
+            targets = labels[rows]
+            for offset in range(0, len(rows), s2.batch_size):
+                step = epoch * steps + (begin + offset) // s2.batch_size
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(s2.lr, step, s2.epochs * steps)
+                logits = head(features[offset : offset + s2.batch_size], normalized=True)
+                loss = loss_fn(logits, targets[offset : offset + s2.batch_size])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+        return total / steps
+
+    def _save(self, out: Path, head: CosineHead, report: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "classifier.pt"
+        tmp = weights.with_name(weights.name + ".tmp")
+        torch.save({"weight": head.weight.detach().clone(), "w1": report["w1"], "w2": report["w2"]}, tmp)
+        tmp.replace(weights)
+        body = out / "report.json"  # written last: its identity marks the classifier complete
+        tmp = body.with_name(body.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(body)
+
+
+def sweep_table(reports: list[dict]) -> str:
+    rows = ["| w1 (KPS) | w2 (CE) | top-1 | top-5 | many | medium | few |", "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        t = r["test"]
+        cells = ["-" if t[k] is None else f"{t[k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")]
+        rows.append(f"| {r['w1']:.1f} | {r['w2']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    w1 = [r["w1"] for r in reports]
+    ax.plot(w1, [r["test"]["top1"] for r in reports], "o-", label="top-1")
+    for group in ("many", "medium", "few"):
+        values = [r["test"][group] for r in reports]
+        if all(v is not None for v in values):
+            ax.plot(w1, values, ".--", alpha=0.6, label=group)
+    ax.set_xlabel("w1 (KPS weight); w2 = 1 - w1")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train_classifier(cfg: Config, sweep: list[float] | None = None) -> list[dict]:
+    """The configured classifier, or one per w1 of `sweep` (plus its table and plot)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    cache = open_run_cache(cfg)
+    writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "classifier"))
+    trainer = ClassifierTrainer(cfg, cache, kps_head_weight(cfg), writer)
+    try:
+        reports = [trainer.fit(w1) for w1 in (sweep or [cfg.stage2.w1])]
+    finally:
+        writer.close()
+    if sweep:
+        out = Path(cfg.output_dir) / "classifier"
+        table = sweep_table(reports)
+        (out / "sweep.md").write_text(table + "\n")
+        (out / "sweep.json").write_text(
+            json.dumps([{k: r[k] for k in ("w1", "w2", "test")} for r in reports])
+        )
+        plot_sweep(reports, out / "sweep.png", f"{cfg.name}: fusion sweep")
+        print(f"\nfusion sweep, test accuracy (%):\n{table}\n(table, JSON and plot in {out})", flush=True)
+    return reports

@@ -1,0 +1,131 @@
+"""`ffn evaluate CONFIG`: CE alone, KPS alone and FFN side by side, as JSON, Markdown and plots.
+
+CE and KPS alone are each branch's own head on the test split as stage 1 scored it (the
+CE linear head; the KPS cosine logits, argmax without r or margins, as the authors do).
+FFN is the stage-2 classifier at the configured w1. Outputs go to `output_dir/report/`:
+report.json, report.md, per_class.png (the paper's Fig. 6) and, with --tsne, tsne.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ffn_dist.config import Config
+from ffn_dist.errors import FFNError
+from ffn_dist.stages.backbones import branch_dir
+from ffn_dist.stages.classifier import classifier_dir
+
+COLUMNS = ("top1", "top5", "many", "medium", "few", "head", "tail")
+TSNE_POINTS = 2000
+
+
+def report_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "report"
+
+
+def _read(path: Path, produced_by: str) -> dict:
+    if not path.is_file():
+        raise FFNError(f"{path}: missing; run {produced_by} first")
+    return json.loads(path.read_text())
+
+
+def collect_results(cfg: Config) -> dict:
+    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in ("ce", "kps")}
+    ffn = _read(classifier_dir(cfg, cfg.stage2.w1) / "report.json", "`ffn train-classifier`")
+    methods = {
+        "CE": stage1["ce"]["test"],
+        "KPS": stage1["kps"]["test"],
+        f"FFN (w1={cfg.stage2.w1:g})": ffn["test"],
+    }
+    results = {"name": cfg.name, "train_counts": stage1["ce"]["train_counts"], "methods": methods}
+    sweep = Path(cfg.output_dir) / "classifier" / "sweep.json"
+    if sweep.is_file():
+        results["sweep"] = json.loads(sweep.read_text())
+    return results
+
+
+def markdown_table(methods: dict[str, dict]) -> str:
+    names = {"top1": "top-1", "top5": "top-5", "head": "head half", "tail": "tail half"}
+    rows = [
+        "| method | " + " | ".join(names.get(c, c) for c in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for method, report in methods.items():
+        cells = ["-" if report.get(c) is None else f"{report[c]:.2f}" for c in COLUMNS]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_per_class(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(results["train_counts"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, report), marker in zip(results["methods"].items(), "os^", strict=True):
+        accuracy = np.array([np.nan if a is None else a for a in report["per_class"]])
+        ax.scatter(counts, accuracy, marker=marker, s=18, alpha=0.7, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title(f"{results['name']}: per-class accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tsne(cfg: Config, path: Path) -> None:
+    """t-SNE of test embeddings (the paper's Fig. 5): CE, KPS and fused when cached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    from ffn_dist.stages.cache import open_run_cache
+
+    test = open_run_cache(cfg).splits["test"]
+    rows = test.rows_of_view(0)
+    rows = np.random.default_rng(cfg.seed).permutation(rows)[:TSNE_POINTS]
+    w1, w2 = cfg.stage2.w1, cfg.stage2.w2
+    panels = {f"fused (w1={w1:g})": test.fused(rows, w1, w2)}
+    if test.store == "normalized":
+        panels = {"CE": test.branch(rows, "ce"), "KPS": test.branch(rows, "kps"), **panels}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
+        points = TSNE(init="pca", random_state=cfg.seed, perplexity=min(30, len(rows) - 1)).fit_transform(
+            features.numpy()
+        )
+        ax.scatter(points[:, 0], points[:, 1], c=test.labels[rows], cmap="tab20", s=4)
+        ax.set_title(title)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(cfg: Config, tsne: bool = False) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    results = collect_results(cfg)
+    out = report_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results["methods"])
+    (out / "report.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(f"# {cfg.name}: test accuracy (%)\n\n{table}\n")
+    plot_per_class(results, out / "per_class.png")
+    if tsne:
+        plot_tsne(cfg, out / "tsne.png")
+    with SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "evaluate")) as writer:
+        for method, report in results["methods"].items():
+            for column in COLUMNS:
+                if report.get(column) is not None:
+                    writer.add_scalar(f"test/{column}/{method}", report[column], 0)
+    print(f"\ntest accuracy (%), {cfg.name}:\n{table}\n(report, table and plots in {out})", flush=True)
+    return results
