@@ -140,6 +140,19 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_stage2(args) -> int:
+    from ffn_dist.bench.stage2 import bench_stage2
+    from ffn_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = bench_stage2(
+        cfg, args.rows, args.dims, args.classes, args.rounds, args.backbone_steps, args.work_dir
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _add_config_args(parser) -> None:
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="config overrides")
@@ -240,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=int, default=3)
     train.add_argument("--json-out", default=None)
     train.set_defaults(func=cmd_bench_train)
+    stage2 = bench_sub.add_parser(
+        "stage2", help="classifier epoch on the cache vs matmul bound and backbones"
+    )
+    stage2.add_argument("config", nargs="?", default="configs/demo.yaml")
+    stage2.add_argument("overrides", nargs="*", metavar="a.b.c=value")
+    stage2.add_argument("--rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT train)")
+    stage2.add_argument("--dims", type=int, default=2048, help="embedding size (ResNet-50)")
+    stage2.add_argument("--classes", type=int, default=1000)
+    stage2.add_argument("--rounds", type=int, default=3)
+    stage2.add_argument("--backbone-steps", type=int, default=20, help="timed steps of the authors' way")
+    stage2.add_argument("--work-dir", default=None, help="where the synthetic caches go (default: temp)")
+    stage2.add_argument("--json-out", default=None)
+    stage2.set_defaults(func=cmd_bench_stage2)
     return parser
 
 

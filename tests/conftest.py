@@ -55,6 +55,14 @@ def run_torchrun(nproc: int, script: Path, *args, timeout=240) -> subprocess.Com
     return result
 
 
+def run_ffn_torchrun(nproc: int, *args, timeout=300) -> subprocess.CompletedProcess:
+    """An `ffn` subcommand under real `torchrun` processes (gloo), as `ffn run` starts it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "ffn_dist.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
 def run_ffn(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """The installed `ffn` command, as a user runs it."""
     cmd = [sys.executable, "-m", "ffn_dist.cli", *map(str, args)]
@@ -100,3 +108,30 @@ def tiny_overrides(root: Path, out: Path, *extra) -> list[str]:
         "stage1.log_every=100",
         *extra,
     ]
+
+
+CONFIG = REPO / "configs" / "demo.yaml"
+CACHE_ARGS = ("cache.train_views=3", "cache.shard_rows=16", "cache.batch_size=20")
+TRAIN_IMAGES, TEST_IMAGES = 75, 61  # the tiny split
+
+
+def cache_overrides(root, out, *extra) -> list[str]:
+    return tiny_overrides(root, out, *CACHE_ARGS, *extra)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_root, tmp_path_factory) -> Path:
+    """Two stage-1 epochs on the tiny split, one process (read-only for tests: copy to damage)."""
+    out = tmp_path_factory.mktemp("stage2") / "run"
+    result = run_ffn("train-backbones", CONFIG, *cache_overrides(tiny_root, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def cached_run(stage1_run, tiny_root) -> Path:
+    """`stage1_run` plus its feature cache, written by two torchrun processes."""
+    result = run_ffn_torchrun(2, "cache-features", CONFIG, *cache_overrides(tiny_root, stage1_run))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[cache rank 0] wrote" in result.stdout and "[cache rank 1] wrote" in result.stdout
+    return stage1_run

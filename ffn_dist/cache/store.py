@@ -74,34 +74,46 @@ class CachedSplit:
     def rows_of_view(self, view: int) -> np.ndarray:
         return np.flatnonzero(self.views == view)
 
-    def _gather(self, key: str, rows: np.ndarray) -> np.ndarray:
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("fused",) if self.store == "fused" else ("kps", "ce")
+
+    def gather(self, rows: np.ndarray, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The stored (fp16 by default) embeddings of `rows`, in that order."""
         rows = np.asarray(rows, dtype=np.int64)
-        first = self.shards[0][key]
-        out = np.empty((len(rows), *first.shape[1:]), first.dtype)
         owner = np.searchsorted(self.starts, rows, side="right") - 1
-        for shard in np.unique(owner):
-            picked = np.flatnonzero(owner == shard)
-            out[picked] = self.shards[shard][key][rows[picked] - self.starts[shard]]
+        picks = [(shard, np.flatnonzero(owner == shard)) for shard in np.unique(owner)]
+        out = {}
+        for key in keys or self.keys:
+            first = self.shards[0][key]
+            values = np.empty((len(rows), *first.shape[1:]), first.dtype)
+            for shard, picked in picks:
+                values[picked] = self.shards[shard][key][rows[picked] - self.starts[shard]]
+            out[key] = torch.from_numpy(values)
         return out
 
-    def fused(self, rows: np.ndarray, w1: float, w2: float) -> torch.Tensor:
-        """z = w1 * f̂_kps + w2 * f̂_ce for `rows`, float32."""
+    def fuse(self, stored: dict[str, torch.Tensor], w1: float, w2: float) -> torch.Tensor:
+        """z = w1 * f̂_kps + w2 * f̂_ce, float32, from gathered rows.
+
+        Callers gather many rows at once and fuse a batch at a time: converting and mixing
+        a small batch stays in the CPU's cache, a 4096-row block does not (measured 3x)."""
         if self.store == "fused":
             if not np.isclose(self.fusion["w1"], w1):
                 raise CacheError(
                     f"this cache stores only z for w1={self.fusion['w1']} (cache.store=fused), not w1={w1}; "
                     "rebuild it with cache.store=normalized to change the fusion weights or sweep them"
                 )
-            return torch.from_numpy(self._gather("fused", rows)).float()
-        kps = torch.from_numpy(self._gather("kps", rows)).float()
-        ce = torch.from_numpy(self._gather("ce", rows)).float()
-        return kps.mul_(w1).add_(ce, alpha=w2)
+            return stored["fused"].float()
+        return stored["kps"].float().mul_(w1).add_(stored["ce"], alpha=w2)
+
+    def fused(self, rows: np.ndarray, w1: float, w2: float) -> torch.Tensor:
+        return self.fuse(self.gather(rows), w1, w2)
 
     def branch(self, rows: np.ndarray, name: str) -> torch.Tensor:
         """One branch's unit embeddings (only a `normalized` cache has them)."""
         if self.store == "fused":
             raise CacheError("this cache stores only the fused embedding (cache.store=fused)")
-        return torch.from_numpy(self._gather(name, rows)).float()
+        return self.gather(rows, (name,))[name].float()
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from ffn_dist.cache.store import CachedSplit, FeatureCache
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config
+from ffn_dist.data.loader import default_device
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.losses import LDAMLoss
@@ -83,10 +84,11 @@ def _identity(cfg: Config, cache: FeatureCache, w1: float) -> str:
 def predict(head: CosineHead, split: CachedSplit, rows: np.ndarray, w1: float, w2: float, chunk=8192):
     """Top-k class predictions for `rows` of a cached split."""
     out = []
+    device = head.weight.device
     with torch.no_grad():
         for begin in range(0, len(rows), chunk):
-            logits = head(split.fused(rows[begin : begin + chunk], w1, w2), normalized=True)
-            out.append(top_k(logits))
+            logits = head(split.fused(rows[begin : begin + chunk], w1, w2).to(device), normalized=True)
+            out.append(top_k(logits).cpu())
     return torch.cat(out).numpy()
 
 
@@ -101,6 +103,7 @@ class ClassifierTrainer:
         self.train = cache.splits["train"]
         self.images = self.train.rows_of_view(0)  # one row per training image
         self.counts = np.bincount(self.train.labels[self.images], minlength=cfg.data.num_classes)
+        self.device = default_device()  # a GPU when there is one; the CPU is fast enough on a cache
 
     def fit(self, w1: float) -> dict:
         """Train (or reuse) the classifier for fusion weight w1; returns its report."""
@@ -113,18 +116,11 @@ class ClassifierTrainer:
         if done.is_file() and json.loads(done.read_text()).get("identity") == identity:
             print(f"classifier w1={w1:.2f}: complete in {out}, skipped", flush=True)
             return json.loads(done.read_text())
-        torch.manual_seed(self.cfg.seed)
-        head = CosineHead(self.cache.dims, self.cfg.data.num_classes)
-        with torch.no_grad():
-            head.weight.copy_(self.initial_weight)
-        loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s)
-        optimizer = torch.optim.SGD(
-            head.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay, fused=True
-        )
-        steps = math.ceil(len(self.images) / s2.batch_size)
+        head, loss_fn, optimizer = self.new_classifier()
+        steps = self.steps_per_epoch
         for epoch in range(s2.epochs):
             tick = time.perf_counter()
-            mean_loss = self._epoch(head, loss_fn, optimizer, epoch, steps, w1, w2)
+            mean_loss = self.train_epoch(head, loss_fn, optimizer, epoch, w1, w2)
             seconds = time.perf_counter() - tick
             lr = cosine_lr(s2.lr, (epoch + 1) * steps, s2.epochs * steps)
             print(
@@ -149,33 +145,55 @@ class ClassifierTrainer:
         print(f"[classifier w1={w1:.2f}] test top-1 {test['top1']:.2f} top-5 {test['top5']:.2f}", flush=True)
         return report
 
-    def _epoch(self, head, loss_fn, optimizer, epoch: int, steps: int, w1: float, w2: float) -> float:
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.images) / self.cfg.stage2.batch_size)
+
+    def new_classifier(self) -> tuple[CosineHead, LDAMLoss, torch.optim.Optimizer]:
+        """A cosine head initialised from the KPS head, its LDAM loss and its optimizer."""
         s2 = self.cfg.stage2
+        torch.manual_seed(self.cfg.seed)
+        head = CosineHead(self.cache.dims, self.cfg.data.num_classes)
+        with torch.no_grad():
+            head.weight.copy_(self.initial_weight)
+        head = head.to(self.device)
+        loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s).to(self.device)
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay, fused=True
+        )
+        return head, loss_fn, optimizer
+
+    def train_epoch(self, head, loss_fn, optimizer, epoch: int, w1: float, w2: float) -> float:
+        """One epoch of class-balanced draws; returns the mean loss."""
+        s2, steps = self.cfg.stage2, self.steps_per_epoch
         # Class-balanced draws over every cached view; one epoch = as many draws as images.
         order = epoch_order(self.train.labels, "balanced", self.cfg.seed, epoch)[: len(self.images)]
         labels = torch.from_numpy(self.train.labels)
-        total, chunk = 0.0, s2.batch_size * GATHER_BATCHES
+        total, chunk = torch.zeros((), device=self.device), s2.batch_size * GATHER_BATCHES
         for begin in range(0, len(order), chunk):
             rows = order[begin : begin + chunk]
-            features = self.train.fused(rows, w1, w2)
-            targets = labels[rows]
+            stored = self.train.gather(rows)
+            targets = labels[rows].to(self.device, non_blocking=True)
             for offset in range(0, len(rows), s2.batch_size):
                 step = epoch * steps + (begin + offset) // s2.batch_size
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(s2.lr, step, s2.epochs * steps)
-                logits = head(features[offset : offset + s2.batch_size], normalized=True)
+                batch = {k: v[offset : offset + s2.batch_size] for k, v in stored.items()}
+                features = self.train.fuse(batch, w1, w2).to(self.device, non_blocking=True)
+                logits = head(features, normalized=True)
                 loss = loss_fn(logits, targets[offset : offset + s2.batch_size])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item()
-        return total / steps
+                total += loss.detach()
+        return total.item() / steps
 
     def _save(self, out: Path, head: CosineHead, report: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
         weights = out / "classifier.pt"
         tmp = weights.with_name(weights.name + ".tmp")
-        torch.save({"weight": head.weight.detach().clone(), "w1": report["w1"], "w2": report["w2"]}, tmp)
+        weight = head.weight.detach().cpu().clone()
+        torch.save({"weight": weight, "w1": report["w1"], "w2": report["w2"]}, tmp)
         tmp.replace(weights)
         body = out / "report.json"  # written last: its identity marks the classifier complete
         tmp = body.with_name(body.name + ".tmp")

@@ -1,0 +1,184 @@
+"""`ffn bench stage2`: seconds per classifier epoch on the feature cache, against
+(a) the matrix products the epoch needs, timed alone in the same run, on a synthetic cache
+    of ImageNet-LT's size (115,846 rows x 2 branches x 2048 dims, fp16, memory-mapped), and
+(b) the authors' way: both frozen backbones run on every batch of every epoch, timed on the
+    configured data (CIFAR-10-LT with ResNet-32, or the built-in digits) and compared with
+    an epoch on a cache of the same rows and dims.
+The cache epochs run `ClassifierTrainer.train_epoch`, the code `ffn train-classifier` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ffn_dist.bench.timing import interleaved_medians, markdown_table
+from ffn_dist.cache.shards import write_shard
+from ffn_dist.cache.store import FeatureCache, open_cache, write_manifest
+from ffn_dist.config import Config
+from ffn_dist.data.dataset import open_dataset
+from ffn_dist.data.loader import build_loader
+from ffn_dist.losses import LDAMLoss
+from ffn_dist.models import CosineHead, fused_embedding
+from ffn_dist.stages.backbones import build_network
+from ffn_dist.stages.classifier import ClassifierTrainer
+
+SYNTHETIC = {"backbones": {}, "settings": {"synthetic": True}}
+
+
+def write_synthetic_cache(
+    directory: Path, rows: int, dims: int, classes: int, test_rows: int = 1024, shard_rows: int = 16384
+) -> FeatureCache:
+    """Random unit embeddings with the shapes of a real cache (values do not change timings)."""
+    gen = torch.Generator().manual_seed(0)
+    splits = {}
+    for name, count in (("train", rows), ("test", test_rows)):
+        parts = []
+        for number, start in enumerate(range(0, count, shard_rows)):
+            n = min(shard_rows, count - start)
+            tensors = {
+                b: F.normalize(torch.randn(n, dims, generator=gen), dim=1).half() for b in ("kps", "ce")
+            }
+            tensors["labels"] = torch.arange(start, start + n) % classes
+            tensors["indices"] = torch.arange(start, start + n)
+            file = f"{name}/view0/part{number:05d}.safetensors"
+            info = write_shard(directory / file, tensors, {"split": name, "view": "0", "part": str(number)})
+            parts.append({**info, "file": file, "view": 0})
+        splits[name] = {"rows": count, "parts": parts}
+    manifest = {
+        "store": "normalized",
+        "dtype": "fp16",
+        "dims": dims,
+        "fingerprint": SYNTHETIC,
+        "splits": splits,
+    }
+    write_manifest(directory, manifest)
+    return open_cache(directory, SYNTHETIC, verify=False)
+
+
+def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
+    trainer = ClassifierTrainer(cfg, cache, torch.randn(cfg.data.num_classes, cache.dims))
+    head, loss_fn, optimizer = trainer.new_classifier()
+    epochs = iter(range(10**6))
+
+    def run() -> float:
+        start = time.perf_counter()
+        trainer.train_epoch(head, loss_fn, optimizer, next(epochs), cfg.stage2.w1, cfg.stage2.w2)
+        return time.perf_counter() - start
+
+    return run, trainer.steps_per_epoch
+
+
+def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int):
+    """The two products of a step, logits z W^T and weight gradient G^T z, `steps` times."""
+    z, grad = torch.randn(batch, dims), torch.randn(batch, classes)
+    weight = torch.randn(classes, dims)
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            z @ weight.t()
+            grad.t() @ z
+        return time.perf_counter() - start
+
+    return run
+
+
+def _backbone_epoch_runner(cfg: Config, timed_steps: int):
+    """Seconds per epoch of the authors' stage 2, from `timed_steps` timed steps: both frozen
+    backbones on an augmented, class-balanced batch, then the same classifier step."""
+    dataset = open_dataset(cfg.data)
+    networks = {b: build_network(cfg, b).eval().requires_grad_(False) for b in ("ce", "kps")}
+    loader = build_loader(cfg.data, dataset.train, train=True, balanced=True)
+    s2 = cfg.stage2
+    head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes)
+    loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, fused=True)
+    steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+
+    def step():
+        batch = next(stream)
+        with torch.no_grad():
+            f_ce, f_kps = (networks[b].embed(batch.images) for b in ("ce", "kps"))
+        logits = head(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), normalized=True)
+        loss = loss_fn(logits, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: loader start, first allocations
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(timed_steps):
+            step()
+        return (time.perf_counter() - start) / timed_steps * steps_per_epoch
+
+    return run, len(dataset.train)
+
+
+def bench_stage2(
+    cfg: Config, rows: int, dims: int, classes: int, rounds: int, backbone_steps: int, work_dir: str | None
+) -> dict:
+    batch = cfg.stage2.batch_size
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-stage2-") as tmp:
+        print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
+        big_cfg = _with_classes(cfg, classes)
+        big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
+        big_epoch, big_steps = _cache_epoch_runner(big_cfg, big)
+        bound = _matmul_bound_runner(big_steps, batch, dims, classes)
+        large = interleaved_medians({"cache epoch": big_epoch, "matrix products": bound}, rounds)
+
+        backbones, images = _backbone_epoch_runner(cfg, backbone_steps)
+        embedding_dim = build_network(cfg, "ce").backbone.embedding_dim
+        same = write_synthetic_cache(Path(tmp) / "same", images, embedding_dim, cfg.data.num_classes)
+        same_epoch, _ = _cache_epoch_runner(cfg, same)
+        small = interleaved_medians({"cache epoch": same_epoch, "backbones every batch": backbones}, rounds)
+
+    result = {
+        "threads": torch.get_num_threads(),
+        "batch_size": batch,
+        "large": {"rows": rows, "dims": dims, "classes": classes, "seconds_per_epoch": large},
+        "large_epoch_vs_matmul_bound": large["cache epoch"] / large["matrix products"],
+        "data": {"images": images, "arch": cfg.model.arch, "root": cfg.data.root, "seconds_per_epoch": small},
+        "backbones_vs_cache": small["backbones every batch"] / small["cache epoch"],
+    }
+    print(
+        f"\nstage-2 epoch, batch {batch}, {torch.get_num_threads()} threads, median of {rounds} rounds\n"
+        + markdown_table(
+            ["setting", "seconds per epoch", "ratio"],
+            [
+                [f"cache {rows:,} x 2 x {dims}, {classes} classes", f"{large['cache epoch']:.2f}", ""],
+                ["  its matrix products alone", f"{large['matrix products']:.2f}", ""],
+                ["  cache / matrix products", "", f"{result['large_epoch_vs_matmul_bound']:.2f}x"],
+                [f"{cfg.data.root} ({images:,} images): cache", f"{small['cache epoch']:.3f}", ""],
+                [
+                    f"  both {cfg.model.arch} backbones every batch",
+                    f"{small['backbones every batch']:.1f}",
+                    "",
+                ],
+                ["  backbones / cache", "", f"{result['backbones_vs_cache']:,.0f}x"],
+            ],
+        ),
+        flush=True,
+    )
+    return result
+
+
+def _with_classes(cfg: Config, classes: int) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=classes))
