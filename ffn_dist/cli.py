@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stage2.add_argument("config", nargs="?", default="configs/demo.yaml")
     stage2.add_argument("overrides", nargs="*", metavar="a.b.c=value")
-    stage2.add_argument("--rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT train)")
+    stage2.add_argument(
+        "--rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT train); 0 skips"
+    )
     stage2.add_argument("--dims", type=int, default=2048, help="embedding size (ResNet-50)")
     stage2.add_argument("--classes", type=int, default=1000)
     stage2.add_argument("--rounds", type=int, default=3)

@@ -129,9 +129,10 @@ def stage1_run(tiny_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cached_run(stage1_run, tiny_root) -> Path:
-    """`stage1_run` plus its feature cache, written by two torchrun processes."""
-    result = run_ffn_torchrun(2, "cache-features", CONFIG, *cache_overrides(tiny_root, stage1_run))
+def cached_run(stage1_run, tiny_root, tmp_path_factory) -> Path:
+    """A copy of `stage1_run` plus its feature cache, written by two torchrun processes."""
+    out = shutil.copytree(stage1_run, tmp_path_factory.mktemp("cached") / "run")
+    result = run_ffn_torchrun(2, "cache-features", CONFIG, *cache_overrides(tiny_root, out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[cache rank 0] wrote" in result.stdout and "[cache rank 1] wrote" in result.stdout
-    return stage1_run
+    return out

@@ -53,3 +53,23 @@ def test_bench_train_compares_stage1_step_with_bare_loop(tmp_path):
     }
     assert all(v > 0 for v in figures["images_per_s"].values())
     assert "| bare PyTorch loop |" in result.stdout
+
+
+def test_bench_stage2_times_cache_epochs_against_matmuls_and_backbones(tmp_path):
+    import json
+
+    result = run_ffn(
+        "bench",
+        "stage2",
+        "configs/demo.yaml",
+        f"data.root={tmp_path / 'demo'}",
+        *("--rows", "3000", "--dims", "128", "--classes", "20", "--rounds", "1", "--backbone-steps", "2"),
+        *("--work-dir", tmp_path, "--json-out", tmp_path / "s.json"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert figures["large"]["rows"] == 3000 and figures["data"]["images"] == 585
+    assert all(v > 0 for v in figures["large"]["seconds_per_epoch"].values())
+    # even on 585 digits, two ResNet-32 forwards per batch cost far more than a cached epoch
+    assert figures["backbones_vs_cache"] > 10
+    assert list(tmp_path.glob("ffn-bench-stage2-*")) == []  # the synthetic caches are removed

@@ -40,7 +40,7 @@ def write_clustered_cache(directory, counts, test_per_class, dims=16, seed=0):
         labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(per_class))
         tensors = {
             b: F.normalize(
-                centres[b][labels] + 0.35 * torch.randn(len(labels), dims, generator=gen), dim=1
+                centres[b][labels] + 0.25 * torch.randn(len(labels), dims, generator=gen), dim=1
             ).half()
             for b in ("kps", "ce")
         }
@@ -88,7 +88,8 @@ def test_classifier_learns_a_long_tailed_cache_and_reuses_finished_work(tmp_path
     assert changed.fit(0.5)["epochs"] == 2  # other settings: trained again, not reused
 
 
-def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root):
+def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
+    cached_run = shutil.copytree(cached_run, tmp_path / "run")
     args = cache_overrides(tiny_root, cached_run, "stage2.epochs=2")
     result = run_ffn("train-classifier", CONFIG, *args, "--sweep", "w1=0:1:0.5")
     assert result.returncode == 0, result.stderr[-3000:]

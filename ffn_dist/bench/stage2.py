@@ -136,13 +136,14 @@ def bench_stage2(
     cfg: Config, rows: int, dims: int, classes: int, rounds: int, backbone_steps: int, work_dir: str | None
 ) -> dict:
     batch = cfg.stage2.batch_size
+    large = None
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-stage2-") as tmp:
-        print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
-        big_cfg = _with_classes(cfg, classes)
-        big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
-        big_epoch, big_steps = _cache_epoch_runner(big_cfg, big)
-        bound = _matmul_bound_runner(big_steps, batch, dims, classes)
-        large = interleaved_medians({"cache epoch": big_epoch, "matrix products": bound}, rounds)
+        if rows:
+            print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
+            big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
+            big_epoch, big_steps = _cache_epoch_runner(_with_classes(cfg, classes), big)
+            bound = _matmul_bound_runner(big_steps, batch, dims, classes)
+            large = interleaved_medians({"cache epoch": big_epoch, "matrix products": bound}, rounds)
 
         backbones, images = _backbone_epoch_runner(cfg, backbone_steps)
         embedding_dim = build_network(cfg, "ce").backbone.embedding_dim
@@ -153,28 +154,26 @@ def bench_stage2(
     result = {
         "threads": torch.get_num_threads(),
         "batch_size": batch,
-        "large": {"rows": rows, "dims": dims, "classes": classes, "seconds_per_epoch": large},
-        "large_epoch_vs_matmul_bound": large["cache epoch"] / large["matrix products"],
         "data": {"images": images, "arch": cfg.model.arch, "root": cfg.data.root, "seconds_per_epoch": small},
         "backbones_vs_cache": small["backbones every batch"] / small["cache epoch"],
     }
+    table = []
+    if large:
+        result["large"] = {"rows": rows, "dims": dims, "classes": classes, "seconds_per_epoch": large}
+        result["large_epoch_vs_matmul_bound"] = large["cache epoch"] / large["matrix products"]
+        table += [
+            [f"cache {rows:,} x 2 x {dims}, {classes} classes", f"{large['cache epoch']:.2f}", ""],
+            ["  its matrix products alone", f"{large['matrix products']:.2f}", ""],
+            ["  cache / matrix products", "", f"{result['large_epoch_vs_matmul_bound']:.2f}x"],
+        ]
+    table += [
+        [f"{cfg.data.root} ({images:,} images): cache", f"{small['cache epoch']:.3f}", ""],
+        [f"  both {cfg.model.arch} backbones every batch", f"{small['backbones every batch']:.1f}", ""],
+        ["  backbones / cache", "", f"{result['backbones_vs_cache']:,.0f}x"],
+    ]
     print(
         f"\nstage-2 epoch, batch {batch}, {torch.get_num_threads()} threads, median of {rounds} rounds\n"
-        + markdown_table(
-            ["setting", "seconds per epoch", "ratio"],
-            [
-                [f"cache {rows:,} x 2 x {dims}, {classes} classes", f"{large['cache epoch']:.2f}", ""],
-                ["  its matrix products alone", f"{large['matrix products']:.2f}", ""],
-                ["  cache / matrix products", "", f"{result['large_epoch_vs_matmul_bound']:.2f}x"],
-                [f"{cfg.data.root} ({images:,} images): cache", f"{small['cache epoch']:.3f}", ""],
-                [
-                    f"  both {cfg.model.arch} backbones every batch",
-                    f"{small['backbones every batch']:.1f}",
-                    "",
-                ],
-                ["  backbones / cache", "", f"{result['backbones_vs_cache']:,.0f}x"],
-            ],
-        ),
+        + markdown_table(["setting", "seconds per epoch", "ratio"], table),
         flush=True,
     )
     return result
