@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "scikit-learn>=1.3",  # ships the handwritten digits behind the built-in dataset
     "tqdm>=4.66",
+    "safetensors>=0.4",  # feature-cache shards: no pickle, memory-mappable
+    "matplotlib>=3.7",  # sweep and per-class plots
 ]
 
 setup(
@@ -21,7 +23,7 @@ setup(
     version="0.1.0",
     description="Distributed Feature Fusion Network (FFN) for long-tailed recognition",
     python_requires=">=3.10",
-    packages=find_packages(include=["ffn_dist", "ffn_dist.*"]),
+    packages=find_packages(include=["ffn_dist", "ffn_dist.*", "launchers"]),
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},

@@ -4,7 +4,9 @@ A checkpoint is `epoch_NNNN.pt` in its directory, written as `epoch_NNNN.pt.tmp`
 renamed when complete, so a kill during the write leaves the previous one as the latest.
 When each rank holds a shard of the optimizer state (ZeRO 1-2), the shards are written
 first as `epoch_NNNN.shardR.pt`, and `epoch_NNNN.pt`, renamed last, marks them complete.
-It records the config hash; resuming under another config is refused.
+It records the config hash; resuming under another config is refused. A stop requested
+mid-epoch (SLURM's pre-emption warning) writes `interrupted.pt` (and its shards) instead,
+holding the position (epoch, step); the next epoch checkpoint removes it.
 """
 
 from __future__ import annotations
@@ -46,9 +48,19 @@ def _atomic_save(state: dict, path: Path) -> Path:
     return path
 
 
-def save_shard(directory: Path, epoch: int, rank: int, state: dict) -> Path:
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return _atomic_save(state, shard_path(directory, epoch, rank))
+def interrupted_path(directory: Path, rank: int | None = None) -> Path:
+    """The mid-epoch checkpoint, or (with `rank`) that rank's optimizer shard of it."""
+    return Path(directory) / ("interrupted.pt" if rank is None else f"interrupted.shard{rank}.pt")
+
+
+def save_to(path: Path, state: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _atomic_save(state, path)
+
+
+def clear_interrupted(directory: Path) -> None:
+    for path in Path(directory).glob("interrupted*.pt"):
+        path.unlink()
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

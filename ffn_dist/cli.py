@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ffn_dist.errors import FFNError
 
+STOPPED = 3  # exit status of a stage that checkpointed and stopped on request
+
 
 def _config(args):
     from ffn_dist.config import load_config
@@ -25,8 +27,13 @@ def cmd_run(args) -> int:
 
 def cmd_train_backbones(args) -> int:
     from ffn_dist.stages.backbones import train_backbones
+    from ffn_dist.stopping import StopRequested
 
-    train_backbones(_config(args))
+    try:
+        train_backbones(_config(args))
+    except StopRequested:
+        print("stage 1 stopped on request (SIGUSR2) after a checkpoint; rerun to resume", file=sys.stderr)
+        return STOPPED
     return 0
 
 
@@ -50,6 +57,36 @@ def cmd_evaluate(args) -> int:
 
     evaluate_run(_config(args), tsne=args.tsne)
     return 0
+
+
+def _launch_overrides(args) -> list[str]:
+    """`--partition P` etc. are shorthands for `launch.partition=P` overrides."""
+    flags = {"partition": args.partition, "account": args.account, "qos": args.qos, "nodes": args.nodes}
+    flags["gpus_per_node"] = args.gpus_per_node
+    return [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
+
+
+def cmd_submit(args) -> int:
+    from launchers.slurm import describe, submit
+
+    overrides = _launch_overrides(args)
+    if args.dry_run:
+        print(describe(_config_with(args, overrides), args.config, overrides))
+        return 0
+    submit(args.config, overrides, args.executor, wait=args.wait)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from launchers.slurm import status
+
+    return status(args.config, args.overrides)
+
+
+def _config_with(args, overrides):
+    from ffn_dist.config import load_config
+
+    return load_config(args.config, overrides)
 
 
 def cmd_show_config(args) -> int:
@@ -192,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    submit = sub.add_parser("submit", help="the pipeline as 3 chained SLURM jobs (submitit)")
+    _add_config_args(submit)
+    submit.add_argument("--executor", choices=["slurm", "local"], default="slurm")
+    submit.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    submit.add_argument("--wait", action="store_true", help="block until the chain ends; exit 2 on failure")
+    submit.add_argument("--partition", default=None)
+    submit.add_argument("--account", default=None)
+    submit.add_argument("--qos", default=None)
+    submit.add_argument("--nodes", type=int, default=None)
+    submit.add_argument("--gpus-per-node", type=int, default=None)
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="state of the jobs `ffn submit` started; which one failed")
+    _add_config_args(status)
+    status.set_defaults(func=cmd_status)
 
     show = sub.add_parser("show-config", help="print the fully resolved config")
     _add_config_args(show)

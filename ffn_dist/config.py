@@ -158,6 +158,34 @@ class DistConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """SLURM resources for `ffn submit`; each can also be set on its command line."""
+
+    partition: str | None = opt(None, doc="SLURM partition (default: the cluster's)")
+    account: str | None = opt(None)
+    qos: str | None = opt(None)
+    constraint: str | None = opt(None, doc="e.g. a GPU model feature")
+    nodes: int = opt(1, ge=1, doc="nodes for stage 1 and the cache job")
+    gpus_per_node: int = opt(0, ge=0, doc="0: CPU tasks, dist.nproc per node")
+    cpus_per_task: int = opt(4, ge=1, doc="CPU cores per task: DALI threads + the training process")
+    mem_gb: int | None = opt(None, ge=1, doc="memory per node")
+    stage1_minutes: int = opt(2880, ge=1, doc="time limit of one stage-1 allocation; it requeues past it")
+    cache_minutes: int = opt(240, ge=1)
+    classifier_minutes: int = opt(120, ge=1)
+    signal_delay_s: int = opt(120, ge=1, doc="USR2 this long before the time limit: checkpoint and requeue")
+    max_requeues: int = opt(5, ge=0, doc="preemptions/time-outs a stage may requeue after")
+    sbatch: list[str] = opt([], doc="extra sbatch options as key=value, e.g. exclusive=, mail-type=END")
+    setup: list[str] = opt([], doc="shell lines run before the job, e.g. module load cuda")
+
+    def validate(self, prefix: str) -> None:
+        for i, item in enumerate(self.sbatch):
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(
+                    f"{prefix}sbatch[{i}]: expected key=value (value may be empty), got {item!r}"
+                )
+
+
+@dataclass
 class Config:
     name: str = opt("demo")
     output_dir: str = opt("runs/demo", doc="run directory: resolved config, logs, outputs")
@@ -168,6 +196,7 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -104,7 +104,7 @@ class DaliLoader(Loader):
     def _read_batch(self, info):
         epoch = self._first_epoch + info.epoch_idx
         if self._order[0] != epoch:
-            self._order = (epoch, self.sampler.indices(epoch))
+            self._order = (epoch, self.epoch_indices(epoch))
         order = self._order[1]
         start = info.iteration * self.batch_size
         if start >= len(order):
@@ -162,8 +162,8 @@ class DaliLoader(Loader):
         return error
 
     def __iter__(self):
-        if self._iterator is None or self._next_epoch != self.epoch:
-            self._build(self.epoch)  # first use, a new start epoch, or an abandoned epoch
+        if self._iterator is None or self._next_epoch != self.epoch or self.resume_at[1]:
+            self._build(self.epoch)  # first use, a new start epoch, an abandoned or resumed epoch
         self._next_epoch = None  # until this epoch is read to its end
         try:
             for (out,) in self._iterator:

@@ -54,9 +54,19 @@ class Loader:
         self.split, self.spec, self.sampler = split, spec, sampler
         self.batch_size, self.num_threads, self.device = batch_size, num_threads, device
         self.epoch = 0
+        self.resume_at = (0, 0)  # (epoch, batch): that epoch starts at that batch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to read next; `start_batch` skips that many batches of it (a resumed
+        mid-epoch checkpoint) without decoding them."""
         self.epoch = epoch
+        self.resume_at = (epoch, start_batch)
+
+    def epoch_indices(self, epoch: int):
+        indices = self.sampler.indices(epoch)
+        if epoch == self.resume_at[0]:
+            indices = indices[self.resume_at[1] * self.batch_size :]
+        return indices
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)

@@ -44,11 +44,11 @@ class _EpochSampler(Sampler):
         self.loader = loader
 
     def __len__(self):
-        return len(self.loader.sampler)
+        return len(self.loader.epoch_indices(self.loader.epoch))
 
     def __iter__(self):
         epoch = self.loader.epoch
-        return ((epoch, index) for index in self.loader.sampler.indices(epoch).tolist())
+        return ((epoch, index) for index in self.loader.epoch_indices(epoch).tolist())
 
 
 class TorchLoader(Loader):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from torch import nn
 
 from ffn_dist.checkpoint import (
     CheckpointError,
+    ConfigMismatch,
     checkpoint_path,
+    clear_interrupted,
+    interrupted_path,
     load_checkpoint,
     load_latest,
     save_checkpoint,
-    save_shard,
+    save_to,
     shard_path,
 )
 from ffn_dist.config import Config, config_hash, save_config
@@ -37,6 +41,7 @@ from ffn_dist.losses import CELoss, KPSLoss
 from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
 from ffn_dist.models import CosineHead, LinearHead, build_backbone
 from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.stopping import StopRequested, stop_on, stop_requested
 
 
 class Network(nn.Module):
@@ -166,48 +171,84 @@ class BranchTrainer:
             self.writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / branch.name))
 
     # ------------------------------------------------------------------ checkpoints
-    def _resume(self) -> int:
-        """Load the latest checkpoint that the group's first rank can load; 0 if none."""
+    def _paths(self, epoch: int, step: int) -> tuple[Path, Path]:
+        """(main file, this rank's optimizer shard) of the checkpoint at (epoch, step)."""
+        if step == 0:
+            return checkpoint_path(self.dir, epoch), shard_path(self.dir, epoch, self.branch.rank)
+        return interrupted_path(self.dir), interrupted_path(self.dir, self.branch.rank)
+
+    def _newest_position(self) -> tuple[tuple[int, int], dict | None]:
+        """First rank: the newest loadable (epoch, step) and its state; an interrupted
+        checkpoint counts when it is ahead of the newest epoch checkpoint."""
         safe = self.engine.safe_classes
-        latest = load_latest(self.dir, self.hash, safe) if self.branch.is_first else None
-        chosen = [latest[0] if latest else 0]
+        latest = load_latest(self.dir, self.hash, safe)
+        position, state = ((latest[0], 0), latest[1]) if latest else ((0, 0), None)
+        if interrupted_path(self.dir).is_file():
+            try:
+                mid = load_checkpoint(interrupted_path(self.dir), self.hash, safe)
+            except ConfigMismatch:
+                raise
+            except CheckpointError as exc:
+                print(f"warning: skipping {exc}")
+            else:
+                if (mid["epoch"], mid["step"]) > position:
+                    position, state = (mid["epoch"], mid["step"]), mid
+        return position, state
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the newest checkpoint the group's first rank can load: (epoch, step) to start at."""
+        safe = self.engine.safe_classes
+        position, state = self._newest_position() if self.branch.is_first else ((0, 0), None)
+        chosen = [position]
         dist.broadcast_object_list(chosen, src=self.branch.ranks[0], group=self.branch.group)
-        epoch = chosen[0]
-        if epoch == 0:
-            return 0
-        state = latest[1] if latest else load_checkpoint(checkpoint_path(self.dir, epoch), self.hash, safe)
+        epoch, step = chosen[0]
+        if (epoch, step) == (0, 0):
+            return 0, 0
+        main, shard = self._paths(epoch, step)
+        state = state if state is not None else load_checkpoint(main, self.hash, safe)
         shards = state.get("optimizer_shards")
         if shards:
             if shards != self.branch.size:
                 raise CheckpointError(
-                    f"{checkpoint_path(self.dir, epoch)}: its optimizer state is split over {shards} "
+                    f"{main}: its optimizer state is split over {shards} "
                     f"ranks, this {self.branch.name} group has {self.branch.size}"
                 )
-            shard = shard_path(self.dir, epoch, self.branch.rank)
             state["optimizer"] = load_checkpoint(shard, self.hash, safe)["optimizer"]
         self.engine.load_state(state)
         torch.set_rng_state(state["rng"]["torch"])
         if self.branch.is_first:
-            print(f"[{self.branch.name}] resuming from {checkpoint_path(self.dir, epoch)}", flush=True)
-        return epoch
+            where = f"epoch {epoch + 1}, step {step + 1}" if step else f"epoch {epoch + 1}"
+            print(f"[{self.branch.name}] resuming from {main} at {where}", flush=True)
+        return epoch, step
 
-    def _checkpoint(self, epoch: int) -> None:
+    def _checkpoint(self, epoch: int, step: int = 0) -> None:
+        """A checkpoint after `epoch` epochs (step 0), or `step` steps into the next one."""
         state = self.engine.state()
         state.update(
-            epoch=epoch, config_hash=self.hash, branch=self.branch.name, rng={"torch": torch.get_rng_state()}
+            epoch=epoch,
+            step=step,
+            config_hash=self.hash,
+            branch=self.branch.name,
+            rng={"torch": torch.get_rng_state()},
         )
+        main, shard = self._paths(epoch, step)
         if self.engine.sharded_optimizer:
             # Every rank writes its shard; the main file, written after all, marks completion.
-            save_shard(
-                self.dir,
-                epoch,
-                self.branch.rank,
-                {"optimizer": state.pop("optimizer"), "config_hash": self.hash},
-            )
+            save_to(shard, {"optimizer": state.pop("optimizer"), "config_hash": self.hash})
             state.update(optimizer=None, optimizer_shards=self.branch.size)
             dist.barrier(group=self.branch.group)
         if self.branch.is_first:
-            save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
+            if step == 0:
+                save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
+                clear_interrupted(self.dir)
+            else:
+                save_to(main, state)
+
+    def _stop_agreed(self) -> bool:
+        """True on every rank of the group once any of them was asked to stop."""
+        flag = torch.tensor([float(stop_requested())], device=self.world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.branch.group)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -226,27 +267,38 @@ class BranchTrainer:
 
     def run(self) -> dict | None:
         s1, name = self.cfg.stage1, self.branch.name
-        start = self._resume()
+        start, start_step = self._resume()
         steps = len(self.train_loader)
-        console = _Console(self.branch, s1.epochs * steps, start * steps)
+        console = _Console(self.branch, s1.epochs * steps, start * steps + start_step)
         global_batch = self.cfg.data.batch_size * self.branch.size
         report = None
         for epoch in range(start, s1.epochs):
             if isinstance(self.loss, KPSLoss):
                 self.loss.per_class_scale = epoch >= s1.kps_ga_epoch
-            self.train_loader.set_epoch(epoch)
-            rng = np.random.default_rng([self.cfg.seed, BRANCHES.index(name), epoch, self.branch.rank])
+            first = start_step if epoch == start else 0
+            self.train_loader.set_epoch(epoch, first)
+            resumed = [first] if first else []  # a mid-epoch resume draws a fresh mixup stream
+            rng = np.random.default_rng(
+                [self.cfg.seed, BRANCHES.index(name), epoch, self.branch.rank, *resumed]
+            )
             tick = time.perf_counter()
-            for step, batch in enumerate(self.train_loader):
+            for step, batch in enumerate(self.train_loader, start=first):
                 lr = self.lr * lr_factor(self.cfg, epoch + step / steps)
                 loss = self.train_step(batch.images, batch.labels, rng, lr)
                 console.advance()
                 if (step + 1) % s1.log_every == 0 or step + 1 == steps:
-                    rate = global_batch * (step + 1) / (time.perf_counter() - tick)
+                    rate = global_batch * (step + 1 - first) / (time.perf_counter() - tick)
                     console.report(epoch, s1.epochs, step, steps, loss.item(), lr, rate)
                     self._scalars(
                         {"loss": loss.item(), "lr": lr, "images_per_s": rate}, epoch * steps + step + 1
                     )
+                    if self._stop_agreed():  # checked where the loop already syncs, not every step
+                        self._checkpoint(epoch, step + 1)
+                        if self.branch.is_first:
+                            print(
+                                f"[{name}] stop requested: checkpointed at epoch {epoch + 1}, step {step + 1}"
+                            )
+                        raise StopRequested(name)
             average_buffers(self.engine.module, self.branch)
             last = epoch + 1 == s1.epochs
             if (epoch + 1) % s1.eval_every == 0 or last:
@@ -294,15 +346,24 @@ class BranchTrainer:
 
 
 def train_backbones(cfg: Config) -> dict[str, dict]:
+    """Both branches; SIGUSR2 (SLURM's pre-emption warning) makes every group checkpoint
+    mid-epoch and raise StopRequested, and the next run resumes there."""
     world = init_world()
     if world.rank == 0:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     dataset = open_dataset(cfg.data)
+    previous = stop_on(signal.SIGUSR2)
     reports = {}
     try:
         for branch in make_branches(world, cfg.dist.kps_ranks):
             reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
         dist.barrier()
+    except StopRequested:
+        # Matches the other ranks' barrier (stopped or finished): when it returns every
+        # rank has checkpointed, so the caller may requeue the job.
+        dist.barrier()
+        raise
     finally:
+        signal.signal(signal.SIGUSR2, previous)
         dist.destroy_process_group()
     return reports

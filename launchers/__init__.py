@@ -1,0 +1,1 @@
+"""Launchers: how the pipeline reaches a cluster (SLURM via submitit)."""

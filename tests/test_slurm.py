@@ -1,0 +1,191 @@
+"""`ffn submit` against a real single-node SLURM, started by launchers/local_slurm.sh.
+
+The cluster is started once for this module (Debian's slurmctld, slurmd and munge,
+installed by the script when missing) and stopped by the pids it wrote. Where SLURM cannot
+be installed (no root, no apt-get) the SLURM tests skip and say why; the dry-run and the
+local-executor tests need no SLURM.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIG, REPO, cache_overrides, run_ffn
+
+SCRIPT = REPO / "launchers" / "local_slurm.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    # munged (user munge) must reach its socket: a directory others can traverse.
+    directory = Path(tempfile.mkdtemp(prefix="ffn-slurm-"))
+    directory.chmod(0o711)
+    started = subprocess.run(
+        ["bash", SCRIPT, "start", directory], capture_output=True, text=True, timeout=600
+    )
+    if started.returncode == 3:
+        pytest.skip(f"SLURM is not available on this machine: {started.stderr.strip()}")
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = dict(os.environ)
+    env.update(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
+    pids = [int((directory / name).read_text()) for name in ("slurmctld.pid", "slurmd.pid")]
+    yield env
+    subprocess.run(["bash", SCRIPT, "stop", directory], timeout=120, check=True)
+    for pid in pids:  # stopped by pid: the daemons it started are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def ffn(env, *args, timeout=900):
+    cmd = [sys.executable, "-m", "ffn_dist.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def submit(env, *args):
+    return ffn(env, "submit", *args)
+
+
+def ffn_status(env, *args):
+    return ffn(env, "status", *args)
+
+
+def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_path):
+    args = cache_overrides(tiny_root, tmp_path / "run", "stage2.epochs=2", "cache.train_views=2")
+    result = submit(slurm_env, CONFIG, *args, "--wait")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ids = re.findall(r"submitted (\w+)\s+job (\d+)", result.stdout)
+    assert [stage for stage, _ in ids] == ["stage1", "cache", "classifier"]
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert all(m["samples"] == 61 for m in report["methods"].values())
+    assert "| FFN (w1=0.5) |" in result.stdout  # the final table
+    stage1_log = (tmp_path / "run" / "slurm" / "stage1" / f"{ids[0][1]}_0_log.out").read_text()
+    assert "stage1: job" in stage1_log and "2 task(s)" in stage1_log
+    status = ffn_status(slurm_env, CONFIG, *args)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 3, status.stdout + status.stderr
+
+
+def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root, tmp_path):
+    out = tmp_path / "run"
+    args = cache_overrides(tiny_root, out, "stage1.epochs=10", "stage1.log_every=1", "stage2.epochs=1")
+    chain = subprocess.Popen(
+        [sys.executable, "-m", "ffn_dist.cli", "submit", CONFIG, *args, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=slurm_env,
+        cwd=REPO,
+    )
+    deadline = time.time() + 300
+    while not (out / "stage1" / "kps" / "epoch_0001.pt").exists():
+        assert time.time() < deadline and chain.poll() is None, "stage 1 never checkpointed"
+        time.sleep(0.2)
+    job_id = json.loads((out / "slurm" / "submission.json").read_text())["jobs"][0]["job_id"]
+    # How SLURM pre-empts: SIGTERM, then the USR2 warning (submitit's own test helper does this).
+    for sig in ("SIGTERM", "USR2"):
+        subprocess.run(["scancel", job_id, "--signal", sig], check=True, env=slurm_env)
+    stdout, stderr = chain.communicate(timeout=900)
+    assert chain.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    logs = "".join(p.read_text() for p in sorted((out / "slurm" / "stage1").glob(f"{job_id}_*_log.out")))
+    stopped = re.findall(r"\[(ce|kps)\] stop requested: checkpointed at epoch (\d+), step (\d+)", logs)
+    assert {branch for branch, _, _ in stopped} == {"ce", "kps"}, logs[-3000:]
+    for branch, epoch, step in stopped:
+        assert int(epoch) >= 2  # after epoch 1's checkpoint: not from the start
+        assert (
+            f"[{branch}] resuming from {out}/stage1/{branch}/interrupted.pt at epoch {epoch}, "
+            f"step {int(step) + 1}" in logs
+        )
+    assert "stage1: requeue 1/5" in logs
+    for branch in ("ce", "kps"):
+        assert (out / "stage1" / branch / "epoch_0010.pt").is_file()
+        assert not (out / "stage1" / branch / "interrupted.pt").exists()  # superseded
+    assert (out / "report" / "report.json").is_file()
+
+
+def test_a_failing_stage1_stops_the_chain_and_is_reported(slurm_env, tiny_root, tmp_path):
+    data = Path(shutil.copytree(tiny_root, tmp_path / "data", symlinks=True))
+    first = (data / "train.txt").read_text().splitlines()[0].split()[0]
+    (data / "broken").mkdir()
+    (data / "broken" / "0.jpg").write_bytes(b"not a jpeg")
+    lines = (data / "train.txt").read_text().replace(first, "broken/0.jpg", 1)
+    (data / "train.txt").write_text(lines)
+    args = cache_overrides(data, tmp_path / "run")
+    result = submit(slurm_env, CONFIG, *args, "--wait")
+    assert result.returncode == 2
+    assert re.search(r"error: stage1 failed \(job \d+, FAILED\): .*train.txt:1 .*broken/0.jpg", result.stderr)
+    assert "the stages after it did not run" in result.stderr
+    time.sleep(12)  # SLURM cancels the dependent jobs at its next scheduling pass
+    for stage in ("cache", "classifier"):
+        assert list((tmp_path / "run" / "slurm" / stage).glob("*_log.out")) == []  # never started
+    status = ffn_status(slurm_env, CONFIG, *args)
+    assert status.returncode == 1
+    assert re.search(r"stage1 failed; its log: .*/slurm/stage1/\d+_0_log.out", status.stderr)
+    assert re.search(r"cache\s+job \d+\s+CANCELLED", status.stdout), status.stdout
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_dry_run_of_a_4_node_8_gpu_imagenet_submission(tmp_path):
+    result = run_ffn(
+        "submit",
+        REPO / "configs" / "imagenet_lt_r50.yaml",
+        f"output_dir={tmp_path / 'run'}",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--account",
+        "lt",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("4 node(s) x 8 task(s) = 32 task(s), 8 GPU(s)/node") == 2  # stage 1, cache
+    assert "1 node(s) x 1 task(s) = 1 task(s), 1 GPU(s)/node" in out  # classifier
+    assert "CE ranks 0-15 (16), KPS ranks 16-31 (16)" in out
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lt",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --time=2880",
+        "#SBATCH --kill-on-invalid-dep=yes",
+    ):
+        assert line in out
+    assert out.count("#SBATCH --dependency=") == 2 and out.rstrip().endswith(
+        "(dry run: nothing was submitted)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_unsafe_launch_values_are_refused(tmp_path):
+    result = run_ffn("submit", CONFIG, f"output_dir={tmp_path}", "launch.partition=gpu;reboot", "--dry-run")
+    assert result.returncode == 2
+    assert (
+        "launch.partition: 'gpu;reboot' contains characters not allowed in an sbatch option" in result.stderr
+    )
+
+
+def test_local_executor_runs_the_same_chain_without_slurm(tiny_root, tmp_path):
+    args = cache_overrides(tiny_root, tmp_path / "run", "stage2.epochs=1", "cache.train_views=1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    result = submit(env, CONFIG, *args, "--executor", "local")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [
+        line.split(":")[0]
+        for line in result.stdout.splitlines()
+        if line.endswith(")") and "completed (job" in line
+    ] == ["stage1", "cache", "classifier"]
+    assert (tmp_path / "run" / "report" / "report.json").is_file()
