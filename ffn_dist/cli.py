@@ -190,6 +190,13 @@ def cmd_bench_stage2(args) -> int:
     return 0
 
 
+def cmd_bench_accuracy(args) -> int:
+    from ffn_dist.bench.accuracy import bench_accuracy
+
+    bench_accuracy(args.schedule, args.data_dir, args.work_dir)
+    return 0
+
+
 def _add_config_args(parser) -> None:
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="config overrides")
@@ -321,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     stage2.add_argument("--work-dir", default=None, help="where the synthetic caches go (default: temp)")
     stage2.add_argument("--json-out", default=None)
     stage2.set_defaults(func=cmd_bench_stage2)
+    accuracy = bench_sub.add_parser(
+        "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the w1 sweep"
+    )
+    accuracy.add_argument("--schedule", choices=["cpu", "paper"], default="cpu")
+    accuracy.add_argument(
+        "--data-dir",
+        default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"),
+        help="folder holding cifar10-jpeg.tar.gz (default: ../shared/data beside the checkout)",
+    )
+    accuracy.add_argument("--work-dir", default="runs/bench_accuracy")
+    accuracy.set_defaults(func=cmd_bench_accuracy)
     return parser
 
 

@@ -88,7 +88,9 @@ class Stage1Config:
     momentum: float = opt(0.9, ge=0.0, le=1.0)
     weight_decay: float = opt(2e-4, ge=0.0)
     warmup_epochs: int = opt(5, ge=0, doc="linear warm-up length")
-    lr_milestones: list[int] = opt([160, 180], doc="epochs at which lr_factors take effect")
+    lr_milestones: list[float] = opt(
+        [160, 180], doc="epochs (may be fractional) at which lr_factors take effect"
+    )
     lr_factors: list[float] = opt([0.1, 0.01], doc="lr multipliers (of the base lr)")
     mixup_alpha: float = opt(1.0, ge=0.0, doc="0 switches mixup off")
     kps_max_m: float = opt(0.2, ge=0.0)

@@ -1,0 +1,130 @@
+"""`ffn bench accuracy`: FFN on CIFAR-10-LT (IF 100) built from real CIFAR-10 JPEGs.
+
+Builds the long-tailed split (spec/FFN.md section 3: exactly 12,406 training images) from
+`cifar10-jpeg.tar.gz`, runs the whole pipeline with the chosen stage-1 schedule, sweeps the
+fusion weight w1 over 0..1 (its endpoints are the fair single-branch baselines: the same
+stage-2 classifier on one branch's features), and reports CE alone, KPS alone, FFN at the
+recipe's w1 and the sweep, as JSON and Markdown.
+
+Schedules: `paper` is FFN.md section 4 (200 epochs: a GPU job); `cpu` is 11 epochs, linear
+warm-up over the first, x0.1 at 80% and x0.01 at 90% of training, KPS per-class scale from
+60%, both branches concurrently (one process each): about half an hour on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from ffn_dist.config import load_config
+from ffn_dist.data.longtail import make_lt
+from ffn_dist.errors import FFNError
+from ffn_dist.stages.classifier import parse_sweep, train_classifier
+from ffn_dist.stages.evaluate import COLUMNS, markdown_table
+from ffn_dist.stages.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "cifar10_lt_r32.yaml"
+ARCHIVE = "cifar10-jpeg.tar.gz"
+EXPECTED_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+SCHEDULES = {
+    "paper": [],  # the config is the paper's recipe
+    "cpu": [
+        "stage1.epochs=11",
+        "stage1.warmup_epochs=1",
+        "stage1.lr_milestones=[8.8, 9.9]",  # 80% and 90% of 11 epochs
+        "stage1.lr_factors=[0.1, 0.01]",
+        "stage1.kps_ga_epoch=7",  # the first epoch at or past 60% (6.6)
+        "stage1.eval_every=11",
+        "stage1.checkpoint_every=1",
+        "dist.nproc=2",
+        "data.num_threads=1",
+    ],
+}
+# Measured outside the project with exactly the cpu schedule on the same JPEGs (issue #7).
+CPU_CALIBRATION = {"CE": 32.9, "KPS": 20.9, "FFN": 57.2, "sweep_w1_0": 53.3, "sweep_w1_1": 59.5}
+
+
+def prepare_cifar10_lt(data_dir: Path, work_dir: Path) -> tuple[Path, Path]:
+    """Extract the JPEGs (once) and write the IF-100 split; returns (image root, split dir)."""
+    archive = Path(data_dir) / ARCHIVE
+    images, splits = work_dir / "cifar10", work_dir / "cifar10_lt"
+    if not (images / ".complete").is_file():
+        print(f"extracting {archive} -> {images}", flush=True)
+        images.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as handle:
+            handle.extractall(images, filter="data")
+        (images / ".complete").write_text("ok\n")
+    if not (splits / "train.txt").is_file():
+        result = make_lt(images, splits, "exp", 100, seed=0)
+        if result["train_counts"] != EXPECTED_COUNTS:
+            raise FFNError(f"CIFAR-10-LT counts {result['train_counts']}, expected {EXPECTED_COUNTS}")
+    return images, splits
+
+
+def _row(report: dict) -> dict:
+    return {k: report.get(k) for k in COLUMNS}
+
+
+def bench_accuracy(schedule: str, data_dir: str, work_dir: str) -> dict | None:
+    archive = Path(data_dir) / ARCHIVE
+    if not archive.is_file():
+        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs beside the checkout); nothing was run")
+        return None
+    work = Path(work_dir).resolve()
+    images, splits = prepare_cifar10_lt(Path(data_dir), work)
+    overrides = [
+        f"data.root={images}",
+        f"data.train_split={splits / 'train.txt'}",
+        f"data.test_split={splits / 'test.txt'}",
+        f"output_dir={work / schedule}",
+        *SCHEDULES[schedule],
+    ]
+    cfg = load_config(CONFIG, overrides)
+    results = run_pipeline(cfg, str(CONFIG), overrides)
+    sweep = train_classifier(cfg, parse_sweep("w1=0:1:0.1"))
+    methods = {name: _row(report) for name, report in results["methods"].items()}
+    body = {
+        "schedule": schedule,
+        "command": f"ffn bench accuracy --schedule {schedule}",
+        "train_counts": results["train_counts"],
+        "methods": methods,
+        "sweep": [{"w1": r["w1"], **_row(r["test"])} for r in sweep],
+    }
+    table = markdown_table({name: report for name, report in results["methods"].items()})
+    sweep_rows = " | ".join(f"{r['w1']:.1f}: {r['test']['top1']:.2f}" for r in sweep)
+    lines = [
+        f"# CIFAR-10-LT (IF 100), schedule `{schedule}`",
+        "",
+        table,
+        "",
+        f"w1 sweep, top-1: {sweep_rows}",
+    ]
+    if schedule == "cpu":
+        ffn = next(v for k, v in methods.items() if k.startswith("FFN"))
+        measured = {
+            "CE": methods["CE"]["top1"],
+            "KPS": methods["KPS"]["top1"],
+            "FFN": ffn["top1"],
+            "sweep_w1_0": body["sweep"][0]["top1"],
+            "sweep_w1_1": body["sweep"][-1]["top1"],
+        }
+        body["calibration"] = {
+            k: {"measured": measured[k], "calibration": v, "difference": measured[k] - v}
+            for k, v in CPU_CALIBRATION.items()
+        }
+        lines += [
+            "",
+            "| against the calibration | measured | calibration | difference |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {c['measured']:.2f} | {c['calibration']:.1f} | {c['difference']:+.2f} |"
+            for k, c in body["calibration"].items()
+        ]
+    out = work / schedule
+    (out / "accuracy.json").write_text(json.dumps(body, indent=1))
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines) + f"\n\n(JSON, Markdown and plots in {out})", flush=True)
+    return body
