@@ -190,6 +190,36 @@ def cmd_bench_stage2(args) -> int:
     return 0
 
 
+def cmd_bench_cache(args) -> int:
+    from ffn_dist.bench.cache import bench_cache
+    from ffn_dist.config import load_config
+
+    result = bench_cache(load_config(args.config, args.overrides), args.rounds, args.work_dir)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_all(args) -> int:
+    from ffn_dist.bench.suite import bench_all, write
+
+    if bool(args.cifar_split) != bool(args.cifar_root):
+        raise FFNError("--cifar-split and --cifar-root go together")
+    figures = bench_all(args.config, args.overrides, args.rounds, args.cifar_split, args.cifar_root)
+    write(figures, args.json_out)
+    return 0
+
+
+def cmd_bench_gpu(args) -> int:
+    from ffn_dist.bench.gpu import bench_gpu
+
+    figures = bench_gpu(args.images, args.batch_size, args.steps, args.rounds)
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(figures, indent=2))
+    print(f"figures: {args.json_out}")
+    return 0
+
+
 def cmd_bench_accuracy(args) -> int:
     from ffn_dist.bench.accuracy import bench_accuracy
 
@@ -292,8 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data/demo")
     demo.set_defaults(func=cmd_demo_data)
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks that print figures; without BENCH: loader, train, cache, stage2 into one JSON",
+    )
+    bench.add_argument("--config", default="configs/demo.yaml", help="config of the suite's runs")
+    bench.add_argument("--overrides", nargs="*", default=[], metavar="a.b.c=value")
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--cifar-split", default=None, help="CIFAR split for the loader benchmark")
+    bench.add_argument("--cifar-root", default=None)
+    bench.add_argument("--json-out", default="runs/bench/bench.json")
+    bench.set_defaults(func=cmd_bench_all)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=False, metavar="BENCH")
     loader = bench_sub.add_parser("loader", help="DALI CPU vs torchvision DataLoader, img/s")
     loader.add_argument(
         "--cifar-split", default=None, help="a CIFAR split file (default: the built-in digits)"
@@ -328,13 +368,29 @@ def build_parser() -> argparse.ArgumentParser:
     stage2.add_argument("--work-dir", default=None, help="where the synthetic caches go (default: temp)")
     stage2.add_argument("--json-out", default=None)
     stage2.set_defaults(func=cmd_bench_stage2)
+    cache_bench = bench_sub.add_parser("cache", help="cache extraction vs a plain forward of both backbones")
+    cache_bench.add_argument("config", nargs="?", default="configs/demo.yaml")
+    cache_bench.add_argument("overrides", nargs="*", metavar="a.b.c=value")
+    cache_bench.add_argument("--rounds", type=int, default=3)
+    cache_bench.add_argument("--work-dir", default=None, help="where the scratch caches go (default: temp)")
+    cache_bench.add_argument("--json-out", default=None)
+    cache_bench.set_defaults(func=cmd_bench_cache)
+    gpu = bench_sub.add_parser(
+        "gpu", help="the GPU paths: DALI mixed, ResNet-50 bf16 step, cache (CUDA only)"
+    )
+    gpu.add_argument("--images", type=int, default=2048, help="generated 400x350 JPEGs")
+    gpu.add_argument("--batch-size", type=int, default=256)
+    gpu.add_argument("--steps", type=int, default=30)
+    gpu.add_argument("--rounds", type=int, default=3)
+    gpu.add_argument("--json-out", default="runs/gpu_check/gpu_bench.json")
+    gpu.set_defaults(func=cmd_bench_gpu)
     accuracy = bench_sub.add_parser(
         "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the w1 sweep"
     )
     accuracy.add_argument("--schedule", choices=["cpu", "paper"], default="cpu")
     accuracy.add_argument(
         "--data-dir",
-        default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"),
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
         help="folder holding cifar10-jpeg.tar.gz (default: ../shared/data beside the checkout)",
     )
     accuracy.add_argument("--work-dir", default="runs/bench_accuracy")

@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# FFN_SYSTEM_SITE_PACKAGES=1 lets the venv see an already installed torch (the container's
+# base image), so pip keeps it when it matches the pin instead of downloading it again.
+VENV_ARGS=()
+[ "${FFN_SYSTEM_SITE_PACKAGES:-0}" = 1 ] && VENV_ARGS+=(--system-site-packages)
+[ -x .venv/bin/python ] || "$PYTHON" -m venv "${VENV_ARGS[@]}" .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 .venv/bin/python -c "import torch, nvidia.dali, deepspeed, submitit; print('ffn-dist installed: torch', torch.__version__)"

@@ -73,3 +73,23 @@ def test_bench_stage2_times_cache_epochs_against_matmuls_and_backbones(tmp_path)
     # even on 585 digits, two ResNet-32 forwards per batch cost far more than a cached epoch
     assert figures["backbones_vs_cache"] > 10
     assert list(tmp_path.glob("ffn-bench-stage2-*")) == []  # the synthetic caches are removed
+
+
+def test_bench_cache_compares_extraction_with_a_plain_forward(tmp_path):
+    import json
+
+    result = run_ffn(
+        "bench",
+        "cache",
+        "configs/demo.yaml",
+        f"data.root={tmp_path / 'demo'}",
+        "cache.train_views=1",
+        *("--rounds", "1", "--work-dir", tmp_path, "--json-out", tmp_path / "c.json"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "c.json").read_text())
+    assert figures["images"] == 585 + 300
+    assert all(v > 0 for v in figures["images_per_s"].values())
+    # fp16 payload of both branches plus labels, indices and headers
+    assert figures["rows_x_dims_x_bytes"] == 885 * 64 * 2 * 2
+    assert 1.0 < figures["size_vs_payload"] < 1.2

@@ -89,6 +89,20 @@ def test_epochs_follow_set_epoch_and_cover_the_split(demo_root, backend):
     assert len(torch.cat([b.indices for b in loader])) == len(split)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_resumed_epoch_starts_at_its_batch_and_the_next_epoch_is_whole(demo_root, backend):
+    split = demo_split(demo_root, "train.txt", is_train=True)
+    loader = build_loader(data_cfg(demo_root), split, train=True, backend=backend, seed=1)
+    loader.set_epoch(4)
+    whole = torch.cat([b.indices for b in loader])
+    fresh = build_loader(data_cfg(demo_root), split, train=True, backend=backend, seed=1)
+    fresh.set_epoch(4, start_batch=3)
+    rest = torch.cat([b.indices for b in fresh])
+    assert torch.equal(rest, whole[3 * fresh.batch_size :])
+    fresh.set_epoch(5)
+    assert len(torch.cat([b.indices for b in fresh])) == len(split)
+
+
 def damage(root, split, kind):
     """Damage the 6th image of `split`; return its line number."""
     path = split.image_path(5)

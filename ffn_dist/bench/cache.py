@@ -1,0 +1,114 @@
+"""`ffn bench cache`: feature-cache extraction against a plain forward pass of both backbones.
+
+Both read the same (split, view) loaders, so decoding is in both: the plain pass runs the
+two frozen backbones and discards the embeddings; the cache pass is `ffn cache-features`
+itself (normalise, fp16, shard files, checksums, manifest), in a world of one process, on
+weights written as final stage-1 checkpoints of a scratch run. Also: the cache's size on
+disk against rows x dims x bytes of what it stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ffn_dist.bench.timing import interleaved_medians, markdown_table
+from ffn_dist.checkpoint import save_checkpoint
+from ffn_dist.config import Config
+from ffn_dist.data.dataset import open_dataset
+from ffn_dist.data.loader import build_loader, default_device
+from ffn_dist.distributed import BRANCHES
+from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.stages.backbones import branch_dir, build_network, stage1_hash
+from ffn_dist.stages.cache import STORED_DTYPES, cache_dir, cache_features
+
+WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _fake_stage1(cfg: Config) -> None:
+    """Final stage-1 checkpoints with freshly initialised weights (timings do not care)."""
+    for branch in BRANCHES:
+        state = {"model": build_network(cfg, branch).state_dict(), "config_hash": stage1_hash(cfg)}
+        save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
+
+
+def _loaders(cfg: Config):
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.cache.batch_size)
+    for name, split in open_dataset(cfg.data).splits().items():
+        for view in range(cfg.cache.train_views if name == "train" else 1):
+            loader = build_loader(data_cfg, split, train=view > 0, order="sequential")
+            loader.set_epoch(view)
+            yield loader
+
+
+def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
+    device = default_device()
+    networks = {b: place_model(build_network(cfg, b), device).eval() for b in BRANCHES}
+    images = sum(len(loader.split) for loader in _loaders(cfg))
+
+    def plain() -> float:
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(device, cfg.model.precision):
+            for loader in _loaders(cfg):
+                for batch in loader:
+                    x = place_images(batch.images, device)
+                    for network in networks.values():
+                        network.embed(x)
+        return images / (time.perf_counter() - start)
+
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-cache-") as tmp:
+        runs = iter(range(10**6))
+
+        def cached() -> float:
+            run_cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / f"run{next(runs)}"))
+            _fake_stage1(run_cfg)
+            for key in WORLD_ENV:  # a fresh world of one for every round
+                os.environ.pop(key, None)
+            start = time.perf_counter()
+            cache_features(run_cfg)
+            rate = images / (time.perf_counter() - start)
+            cached.last = run_cfg
+            return rate
+
+        rates = interleaved_medians(
+            {"plain forward, both backbones": plain, "ffn cache-features": cached}, rounds
+        )
+        manifest = json.loads((cache_dir(cached.last) / "manifest.json").read_text())
+        on_disk = sum(p["bytes"] for s in manifest["splits"].values() for p in s["parts"])
+    rows = sum(s["rows"] for s in manifest["splits"].values())
+    stored = len(BRANCHES) if cfg.cache.store == "normalized" else 1
+    payload = rows * manifest["dims"] * stored * STORED_DTYPES[cfg.cache.dtype].itemsize
+    result = {
+        "images": images,
+        "device": str(device),
+        "images_per_s": rates,
+        "cache_vs_plain": rates["ffn cache-features"] / rates["plain forward, both backbones"],
+        "bytes_on_disk": on_disk,
+        "rows_x_dims_x_bytes": payload,
+        "size_vs_payload": on_disk / payload,
+    }
+    print(
+        f"{cfg.model.arch}, {images:,} images ({cfg.cache.train_views} train views), {device}, "
+        f"median of {rounds} rounds\n"
+        + markdown_table(
+            ["pass", "img/s", "ratio"],
+            [
+                ["plain forward, both backbones", f"{rates['plain forward, both backbones']:,.1f}", "1.000"],
+                [
+                    "ffn cache-features",
+                    f"{rates['ffn cache-features']:,.1f}",
+                    f"{result['cache_vs_plain']:.3f}",
+                ],
+            ],
+        )
+        + f"\ncache size {on_disk:,} bytes = {result['size_vs_payload']:.3f} x rows x dims x bytes "
+        f"({rows:,} x {manifest['dims']} x {stored} x {STORED_DTYPES[cfg.cache.dtype].itemsize})",
+        flush=True,
+    )
+    return result
