@@ -148,6 +148,13 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def _write_json(result: dict, path: str | None) -> None:
+    """A benchmark's figures, when --json-out names a file."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+
+
 def cmd_bench_loader(args) -> int:
     from ffn_dist.bench.loader import bench_loader
 
@@ -162,41 +169,33 @@ def cmd_bench_loader(args) -> int:
         args.rounds,
         args.large_images,
     )
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    _write_json(result, args.json_out)
     return 0
 
 
 def cmd_bench_train(args) -> int:
     from ffn_dist.bench.train import bench_train
-    from ffn_dist.config import load_config
 
-    result = bench_train(load_config(args.config, args.overrides), args.steps, args.rounds)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    result = bench_train(_config(args), args.steps, args.rounds)
+    _write_json(result, args.json_out)
     return 0
 
 
 def cmd_bench_stage2(args) -> int:
     from ffn_dist.bench.stage2 import bench_stage2
-    from ffn_dist.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
     result = bench_stage2(
-        cfg, args.rows, args.dims, args.classes, args.rounds, args.backbone_steps, args.work_dir
+        _config(args), args.rows, args.dims, args.classes, args.rounds, args.backbone_steps, args.work_dir
     )
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    _write_json(result, args.json_out)
     return 0
 
 
 def cmd_bench_cache(args) -> int:
     from ffn_dist.bench.cache import bench_cache
-    from ffn_dist.config import load_config
 
-    result = bench_cache(load_config(args.config, args.overrides), args.rounds, args.work_dir)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    result = bench_cache(_config(args), args.rounds, args.work_dir)
+    _write_json(result, args.json_out)
     return 0
 
 
@@ -214,8 +213,7 @@ def cmd_bench_gpu(args) -> int:
     from ffn_dist.bench.gpu import bench_gpu
 
     figures = bench_gpu(args.images, args.batch_size, args.steps, args.rounds)
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(figures, indent=2))
+    _write_json(figures, args.json_out)
     print(f"figures: {args.json_out}")
     return 0
 
