@@ -78,6 +78,9 @@ class _MixupLoss(nn.Module):
         return self._checked(logits, target)
 
     def _checked(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.single(self._validated(logits, labels), labels)
+
+    def _validated(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.shape[-1] != self.num_classes:
             raise FFNError(
                 f"logits have {logits.shape[-1]} classes, the loss was built for {self.num_classes}"
@@ -85,7 +88,7 @@ class _MixupLoss(nn.Module):
         check_labels(labels, self.num_classes)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # margins of a few hundredths need more than bf16's 8 bits
-        return self.single(logits, labels)
+        return logits
 
 
 class CELoss(_MixupLoss):
@@ -142,9 +145,28 @@ class LDAMLoss(_MixupLoss):
         )
 
     def single(self, cosine, labels):
-        margins = _match(self.margins, cosine)
-        logits = cosine - F.one_hot(labels, self.num_classes).to(cosine.dtype) * margins[labels, None]
-        return F.cross_entropy(self.s * logits, labels, weight=_match(self.weight, cosine))
+        return F.cross_entropy(self._logits(cosine, labels), labels, weight=_match(self.weight, cosine))
+
+    def _logits(self, cosine, labels):
+        """s * (cos - Δ_y at each row's target class y)."""
+        margins = _match(self.margins, cosine)[labels, None]
+        return self.s * cosine.scatter_add(1, labels[:, None], -margins)
+
+    def value_and_grad(self, cosine: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and its gradient with respect to `cosine`, in closed form and without
+        autograd (stage 2's written-out step): cross-entropy over s * (cos - Δ_y) has
+        d/dcos = s * w_y * (softmax - onehot) / Σ w_y, with w_y = 1 without class weights."""
+        cosine = self._validated(cosine, labels)
+        log_p = torch.log_softmax(self._logits(cosine, labels), dim=1)
+        picked = log_p.gather(1, labels[:, None])
+        if self.weight is None:
+            weights = torch.full_like(picked, 1.0 / len(labels))
+        else:
+            weights = _match(self.weight, cosine)[labels, None]
+            weights = weights / weights.sum()
+        loss = -(weights * picked).sum()
+        grad = log_p.exp_().scatter_add_(1, labels[:, None], -torch.ones_like(picked))
+        return loss, grad.mul_(self.s * weights)
 
 
 def _match(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

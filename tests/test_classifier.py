@@ -12,7 +12,9 @@ from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import open_cache, write_manifest
 from ffn_dist.config import load_config
 from ffn_dist.errors import FFNError
-from ffn_dist.stages.classifier import ClassifierTrainer, parse_sweep
+from ffn_dist.losses import LDAMLoss
+from ffn_dist.models import CosineHead
+from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer, parse_sweep
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
 FINGERPRINT = {"backbones": {}, "settings": {"test": True}}
@@ -66,7 +68,7 @@ def test_classifier_learns_a_long_tailed_cache_and_reuses_finished_work(tmp_path
     initial = F.normalize(torch.randn(8, 16), dim=1)  # a KPS head that knows nothing
     trainer = ClassifierTrainer(cfg, cache, initial)
     assert trainer.counts.tolist() == counts
-    head, _, _ = trainer.new_classifier()
+    head, _ = trainer.new_classifier()
     rows = cache.splits["test"].rows_of_view(0)
     before = (
         head(cache.splits["test"].fused(rows, 0.5, 0.5), normalized=True).argmax(1).numpy()
@@ -122,3 +124,29 @@ def test_evaluate_before_stage_2_says_what_to_run(stage1_run, tiny_root, tmp_pat
         if (out / "report").exists()
         else True
     )
+
+
+def test_the_written_out_step_equals_autograd_and_torch_sgd():
+    """ClassifierStep against CosineHead + LDAMLoss + torch.optim.SGD, five steps, float64."""
+    counts, dims = [50, 20, 8, 3], 16
+    gen = torch.Generator().manual_seed(0)
+    initial = torch.randn(len(counts), dims, generator=gen, dtype=torch.float64)
+    heads = [CosineHead(dims, len(counts)).double() for _ in range(2)]
+    for head in heads:
+        head.weight.data.copy_(initial)
+    loss = LDAMLoss(counts).double()
+    optimizer = torch.optim.SGD(heads[0].parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    step = ClassifierStep(heads[1], loss, momentum=0.9, weight_decay=2e-4)
+    for lr in (0.1, 0.08, 0.05, 0.02, 0.01):
+        z = 0.5 * F.normalize(torch.randn(6, dims, generator=gen, dtype=torch.float64), dim=1)
+        z = z + 0.5 * F.normalize(torch.randn(6, dims, generator=gen, dtype=torch.float64), dim=1)
+        y = torch.randint(len(counts), (6,), generator=gen)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        expected = loss(heads[0](z, normalized=True), y)
+        expected.backward()
+        optimizer.step()
+        assert float(step(z, y, lr)) == pytest.approx(expected.item(), rel=1e-12)
+        assert torch.allclose(heads[1].weight, heads[0].weight, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(heads[1].weight, initial)  # the steps did move the weight

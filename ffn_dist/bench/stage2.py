@@ -27,7 +27,7 @@ from ffn_dist.data.loader import build_loader
 from ffn_dist.losses import LDAMLoss
 from ffn_dist.models import CosineHead, fused_embedding
 from ffn_dist.stages.backbones import build_network
-from ffn_dist.stages.classifier import ClassifierTrainer
+from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer
 
 SYNTHETIC = {"backbones": {}, "settings": {"synthetic": True}}
 
@@ -64,12 +64,12 @@ def write_synthetic_cache(
 
 def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
     trainer = ClassifierTrainer(cfg, cache, torch.randn(cfg.data.num_classes, cache.dims))
-    head, loss_fn, optimizer = trainer.new_classifier()
+    _, train_step = trainer.new_classifier()
     epochs = iter(range(10**6))
 
     def run() -> float:
         start = time.perf_counter()
-        trainer.train_epoch(head, loss_fn, optimizer, next(epochs), cfg.stage2.w1, cfg.stage2.w2)
+        trainer.train_epoch(train_step, next(epochs), cfg.stage2.w1, cfg.stage2.w2)
         return time.perf_counter() - start
 
     return run, trainer.steps_per_epoch
@@ -99,7 +99,7 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int):
     s2 = cfg.stage2
     head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes)
     loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s)
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, fused=True)
+    train_step = ClassifierStep(head, loss_fn, s2.momentum, s2.weight_decay)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
 
     def batches():
@@ -115,11 +115,7 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int):
         batch = next(stream)
         with torch.no_grad():
             f_ce, f_kps = (networks[b].embed(batch.images) for b in ("ce", "kps"))
-        logits = head(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), normalized=True)
-        loss = loss_fn(logits, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels, s2.lr)
 
     step()  # warm-up: loader start, first allocations
 

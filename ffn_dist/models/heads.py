@@ -22,13 +22,29 @@ class LinearHead(nn.Linear):
         super().__init__(embedding_dim, num_classes)
 
 
+def cosine_and_norms(features: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z @ normalize(W)^T, |w_j|): the cosine logits of (already normalised) features."""
+    norms = torch.linalg.vector_norm(weight, dim=1)
+    return (features @ weight.t()).div_(norms), norms
+
+
+def weight_gradient_terms(
+    grad_cosine: torch.Tensor, cosine: torch.Tensor, norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, r) with dL/dW = S^T z - r[:, None] * W: S = dL/dcos / |w_j| and
+    r_j = sum_i S_ij cos_ij / |w_j|, since d cos_ij / d w_j = z_i / |w_j| - cos_ij w_j / |w_j|^2."""
+    scaled = grad_cosine / norms
+    return scaled, (scaled * cosine).sum(0).div_(norms)
+
+
 class CosineLogits(torch.autograd.Function):
     """cos(z_i, w_j) scaled by |z_i| (inputs are normalised by the caller): z @ normalize(W)^T.
 
-    The weight gradient is written out, one matrix product and one pass over W, because
-    autograd's version (normalise, matmul, norm backward, accumulate) allocates and walks the
-    C x D gradient several times per step: at stage 2's batch of 64 on a cache that cost
-    about 3x the two matrix products (measured with `ffn bench stage2`), this about 1.3x.
+    The weight gradient is written out, one matrix product and one pass over W (its terms
+    are shared with stage 2's written-out step), because autograd's version (normalise,
+    matmul, norm backward, accumulate) allocates and walks the C x D gradient several times
+    per step: at batch 64 on a cache of ImageNet-LT's size that cost about 3x the two matrix
+    products (measured with `ffn bench stage2`).
     Computed in the weight's precision (fp32) under any autocast: the head is small and margins need it.
     """
 
@@ -37,8 +53,7 @@ class CosineLogits(torch.autograd.Function):
         ctx.input_dtype = features.dtype
         with torch.autocast(features.device.type, enabled=False):
             features = features.to(weight.dtype)
-            norms = torch.linalg.vector_norm(weight, dim=1)
-            cosine = (features @ weight.t()) / norms
+            cosine, norms = cosine_and_norms(features, weight)
         ctx.save_for_backward(features, weight, norms, cosine)
         return cosine
 
@@ -46,9 +61,7 @@ class CosineLogits(torch.autograd.Function):
     def backward(ctx, grad_cosine: torch.Tensor):
         features, weight, norms, cosine = ctx.saved_tensors
         with torch.autocast(grad_cosine.device.type, enabled=False):
-            scaled = grad_cosine.to(weight.dtype) / norms
-            # d cos_ij / d w_j = z_i / |w_j| - cos_ij w_j / |w_j|^2
-            radial = (scaled * cosine).sum(0) / norms
+            scaled, radial = weight_gradient_terms(grad_cosine.to(weight.dtype), cosine, norms)
             grad_weight = weight * -radial[:, None]
             grad_weight.addmm_(scaled.t(), features)
             grad_features = (scaled @ weight).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
