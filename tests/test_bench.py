@@ -1,5 +1,8 @@
 """The benchmarks run and print their tables (their figures are for the README, not asserted)."""
 
+import pytest
+
+from ffn_dist.bench.timing import median_ratio
 from tests.conftest import run_ffn
 
 
@@ -70,6 +73,10 @@ def test_bench_stage2_times_cache_epochs_against_matmuls_and_backbones(tmp_path)
     figures = json.loads((tmp_path / "s.json").read_text())
     assert figures["large"]["rows"] == 3000 and figures["data"]["images"] == 585
     assert all(v > 0 for v in figures["large"]["seconds_per_epoch"].values())
+    rounds = figures["large"]["rounds"]
+    assert figures["large_epoch_vs_matmul_bound"] == pytest.approx(
+        rounds["cache epoch"][0] / rounds["matrix products"][0]
+    )
     # even on 585 digits, two ResNet-32 forwards per batch cost far more than a cached epoch
     assert figures["backbones_vs_cache"] > 10
     assert list(tmp_path.glob("ffn-bench-stage2-*")) == []  # the synthetic caches are removed
@@ -93,3 +100,10 @@ def test_bench_cache_compares_extraction_with_a_plain_forward(tmp_path):
     # fp16 payload of both branches plus labels, indices and headers
     assert figures["rows_x_dims_x_bytes"] == 885 * 64 * 2 * 2
     assert 1.0 < figures["size_vs_payload"] < 1.2
+
+
+def test_median_ratio_pairs_the_rounds():
+    # per-round ratios 2, 3, 4: the median pairs each round with its own, not medians with medians
+    assert median_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [1.0, 2.0])

@@ -25,13 +25,22 @@ def endless_batches(loader):
         epoch += 1
 
 
-def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
+def interleaved_runs(runners: dict, rounds: int) -> dict[str, list[float]]:
     """Run every runner once per round, alternating, so machine noise hits all alike."""
     results = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             results[name].append(run())
-    return {name: statistics.median(values) for name, values in results.items()}
+    return results
+
+
+def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in interleaved_runs(runners, rounds).items()}
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of per-round ratios: each pair ran back to back, under the same load."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
