@@ -30,7 +30,7 @@ def cmd_train_backbones(args) -> int:
     from ffn_dist.stopping import StopRequested
 
     try:
-        train_backbones(_config(args))
+        train_backbones(_config(args), only=args.branch)
     except StopRequested:
         print("stage 1 stopped on request (SIGUSR2) after a checkpoint; rerun to resume", file=sys.stderr)
         return STOPPED
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage1 = sub.add_parser("train-backbones", help="stage 1: CE and KPS backbones (under torchrun)")
     _add_config_args(stage1)
+    stage1.add_argument(
+        "--branch",
+        choices=["ce", "kps"],
+        help="train only this branch (its ranks; the other group's ranks idle): for ablations",
+    )
     stage1.set_defaults(func=cmd_train_backbones)
 
     cache = sub.add_parser(

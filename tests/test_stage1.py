@@ -51,6 +51,21 @@ def test_one_process_trains_both_branches_and_resume_equals_uninterrupted(tiny_r
             assert torch.equal(resumed[key], value), f"{branch}: {key} differs after resume"
 
 
+def test_one_branch_alone_trains_exactly_as_beside_the_other(tiny_root, tmp_path):
+    """`--branch kps` (for ablations): the same weights as the KPS branch of a full run."""
+    runs = {}
+    for name, extra in (("both", []), ("kps", ["--branch", "kps"])):
+        out = tmp_path / name
+        args = tiny_overrides(tiny_root, out, "stage1.epochs=1")
+        result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = out
+    assert not (runs["kps"] / "stage1" / "ce").exists()
+    alone, beside = final_weights(runs["kps"], "kps", 1), final_weights(runs["both"], "kps", 1)
+    assert all(torch.equal(alone[key], beside[key]) for key in beside)
+    assert report(runs["kps"], "kps")["test"] == report(runs["both"], "kps")["test"]
+
+
 def test_checkpoint_of_another_config_is_refused(tiny_root, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_root, out, "stage1.epochs=1")

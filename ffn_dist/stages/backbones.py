@@ -345,9 +345,9 @@ class BranchTrainer:
         tmp.replace(path)
 
 
-def train_backbones(cfg: Config) -> dict[str, dict]:
-    """Both branches; SIGUSR2 (SLURM's pre-emption warning) makes every group checkpoint
-    mid-epoch and raise StopRequested, and the next run resumes there."""
+def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
+    """Both branches, or `only` one of them; SIGUSR2 (SLURM's pre-emption warning) makes
+    every group checkpoint mid-epoch and raise StopRequested, and the next run resumes there."""
     world = init_world()
     if world.rank == 0:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -356,7 +356,8 @@ def train_backbones(cfg: Config) -> dict[str, dict]:
     reports = {}
     try:
         for branch in make_branches(world, cfg.dist.kps_ranks):
-            reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
+            if only in (None, branch.name):
+                reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
         dist.barrier()
     except StopRequested:
         # Matches the other ranks' barrier (stopped or finished): when it returns every
