@@ -401,8 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv=None) -> argparse.Namespace:
+    """Like parse_args, but `a.b.c=value` overrides may also follow an option (`CONFIG
+    --sweep w1=0:1:0.1 seed=1`), which argparse alone refuses after its positional list."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [token for token in rest if token.startswith("-") or "=" not in token]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except FFNError as exc:

@@ -109,3 +109,17 @@ def test_saved_config_is_the_fully_resolved_one(tmp_path):
     saved = yaml.safe_load(save_config(cfg, tmp_path / "run" / "config.yaml").read_text())
     assert saved["seed"] == 7 and saved["stage2"]["w1"] == 0.9
     assert saved["data"]["batch_size"] == 64  # defaults are written out too
+
+
+def test_overrides_may_follow_a_command_option(capsys):
+    from ffn_dist.cli import parse
+
+    args = parse(["train-classifier", "c.yaml", "seed=1", "--sweep", "w1=0:1:0.5", "stage2.epochs=2"])
+    assert args.config == "c.yaml" and args.sweep == "w1=0:1:0.5"
+    assert args.overrides == ["seed=1", "stage2.epochs=2"]
+    args = parse(["train-backbones", "c.yaml", "--branch", "kps", "seed=2"])
+    assert (args.overrides, args.branch) == (["seed=2"], "kps")
+    for stray in ("oops", "--nope"):
+        with pytest.raises(SystemExit):
+            parse(["train-backbones", "c.yaml", "--branch", "kps", stray])
+        assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
