@@ -125,8 +125,7 @@ class KPSLoss(_MixupLoss):
         self.register_buffer("class_scales", (s * flipped).clamp(s, KPS_MAX_SCALE))
 
     def single(self, cosine, labels):
-        r, margins = _match(self.r, cosine), _match(self.margins, cosine)
-        logits = cosine * r - F.one_hot(labels, self.num_classes).to(cosine.dtype) * margins[labels, None]
+        logits = _minus_target_margin(cosine * _match(self.r, cosine), labels, _match(self.margins, cosine))
         scale = _match(self.class_scales, cosine)[labels, None] if self.per_class_scale else self.s
         return F.cross_entropy(scale * logits, labels)
 
@@ -149,8 +148,7 @@ class LDAMLoss(_MixupLoss):
 
     def _logits(self, cosine, labels):
         """s * (cos - Δ_y at each row's target class y)."""
-        margins = _match(self.margins, cosine)[labels, None]
-        return self.s * cosine.scatter_add(1, labels[:, None], -margins)
+        return self.s * _minus_target_margin(cosine, labels, _match(self.margins, cosine))
 
     def value_and_grad(self, cosine: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss and its gradient with respect to `cosine`, in closed form and without
@@ -167,6 +165,11 @@ class LDAMLoss(_MixupLoss):
         loss = -(weights * picked).sum()
         grad = log_p.exp_().scatter_add_(1, labels[:, None], -torch.ones_like(picked))
         return loss, grad.mul_(self.s * weights)
+
+
+def _minus_target_margin(logits: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """logits - margins[y] at each row's target class y; the other classes unchanged."""
+    return logits.scatter_add(1, labels[:, None], -margins[labels, None])
 
 
 def _match(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
