@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ffn_dist.bench.timing import interleaved_medians, interleaved_runs, markdown_table, median_ratio
+from ffn_dist.bench.timing import interleaved_medians, interleaved_runs, markdown_table, median_ratio, medians
 from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import FeatureCache, open_cache, write_manifest
 from ffn_dist.config import Config
@@ -141,7 +140,7 @@ def bench_stage2(
             big_epoch, big_steps = _cache_epoch_runner(_with_classes(cfg, classes), big)
             bound = _matmul_bound_runner(big_steps, batch, dims, classes)
             large_runs = interleaved_runs({"cache epoch": big_epoch, "matrix products": bound}, rounds)
-            large = {name: statistics.median(values) for name, values in large_runs.items()}
+            large = medians(large_runs)
 
         backbones, images = _backbone_epoch_runner(cfg, backbone_steps)
         embedding_dim = build_network(cfg, "ce").backbone.embedding_dim

@@ -34,8 +34,12 @@ def interleaved_runs(runners: dict, rounds: int) -> dict[str, list[float]]:
     return results
 
 
+def medians(runs: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in interleaved_runs(runners, rounds).items()}
+    return medians(interleaved_runs(runners, rounds))
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
