@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, on a machine with a CUDA device and the project installed
-# (`bash scripts/install.sh`). At most 8 minutes on one GPU. Writes one JSON of results:
+# The GPU check, on a machine with a CUDA device: the project installed (`bash scripts/install.sh`),
+# or a Python that has torch, torchvision, pyyaml, safetensors and tensorboard (PYTHON=python3;
+# the source tree is put on PYTHONPATH; without DALI its figures are recorded as missing).
+# At most 8 minutes on one GPU. Writes one JSON of results:
 #   ${OUT:-runs/gpu_check}/gpu_check.json
 #
 # 1. `ffn bench gpu`: DALI mixed decoding, a ResNet-50 stage-1 step in bf16 + channels_last
@@ -13,12 +15,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_check}
 budget=${GPU_CHECK_SECONDS:-480}
-python=${PYTHON:-.venv/bin/python}
+default_python=python3
+[ -x .venv/bin/python ] && default_python=.venv/bin/python
+python=${PYTHON:-$default_python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 start=$SECONDS
 
-"$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
-    || { echo "gpu_check: no CUDA device visible to torch" >&2; exit 2; }
+"$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+    || { echo "gpu_check: $python has no torch that sees a CUDA device" >&2; exit 2; }
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
 timeout $((budget - 30)) "$python" -m ffn_dist.cli bench gpu --json-out "$out/gpu_bench.json" \

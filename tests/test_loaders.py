@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from ffn_dist.config import load_config
 from ffn_dist.data.loader import BadImageError, build_loader
 from ffn_dist.data.splits import read_split
+from ffn_dist.errors import FFNError
 from tests.conftest import write_jpeg
 
 BACKENDS = ["dali", "torch"]
@@ -139,3 +142,12 @@ def test_skip_excludes_bad_images_and_lists_them_once(demo_copy, backend, capsys
     assert f"{split.path}:{line}" in capsys.readouterr().out
     kept_lines = loader.split.lines[indices]
     assert line not in kept_lines.tolist() and len(np.unique(kept_lines)) == len(split) - 1
+
+
+def test_without_dali_the_dali_backend_is_refused_and_the_torch_one_still_runs(demo_root, monkeypatch):
+    """A machine without DALI (a bare CUDA image) gets a message that says what to do."""
+    monkeypatch.setitem(sys.modules, "nvidia.dali.plugin.pytorch", None)  # any import of it fails
+    cfg, split = data_cfg(demo_root), demo_split(demo_root)
+    with pytest.raises(FFNError, match="data.backend=dali needs NVIDIA DALI.*set data.backend=torch"):
+        build_loader(cfg, split, train=False, backend="dali")
+    assert first_batch(cfg, split, "torch").images.shape == (64, 3, 32, 32)

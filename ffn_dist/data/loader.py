@@ -103,6 +103,27 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def dali_missing() -> str | None:
+    """Why NVIDIA DALI cannot be used in this environment, or None when it can."""
+    try:
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def _dali_loader_class():
+    missing = dali_missing()
+    if missing:
+        raise FFNError(
+            f"data.backend=dali needs NVIDIA DALI, which cannot be imported here ({missing}); "
+            "install it (scripts/install.sh) or set data.backend=torch"
+        )
+    from ffn_dist.data.dali import DaliLoader
+
+    return DaliLoader
+
+
 def build_loader(
     data_cfg,
     split: Split,
@@ -131,7 +152,7 @@ def build_loader(
     device = device or default_device()
     backend = backend or data_cfg.backend
     if backend == "dali":
-        from ffn_dist.data.dali import DaliLoader as cls
+        cls = _dali_loader_class()
     else:
         from ffn_dist.data.torch_loader import TorchLoader as cls
     return cls(split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
