@@ -86,7 +86,8 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
         cwd=REPO,
     )
     deadline = time.time() + 300
-    while not (out / "stage1" / "kps" / "epoch_0001.pt").exists():
+    # Both branches past epoch 1 (they run side by side, either may be ahead).
+    while not all((out / "stage1" / b / "epoch_0001.pt").exists() for b in ("ce", "kps")):
         assert time.time() < deadline and chain.poll() is None, "stage 1 never checkpointed"
         time.sleep(0.2)
     job_id = json.loads((out / "slurm" / "submission.json").read_text())["jobs"][0]["job_id"]
