@@ -1,10 +1,11 @@
 from setuptools import find_packages, setup
 
-# torch/torchvision are pinned to the releases the project is tested with
-# (see README "Install"); the DALI wheel is the CUDA-12 build, which also runs CPU-only.
+# The ranges the code supports: torch 2.11 (the stock CUDA images) through 2.14, the release
+# this project pins for its own installs (scripts/constraints.txt). The DALI wheel is the
+# CUDA-12 build, which also runs CPU-only.
 INSTALL_REQUIRES = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
+    "torch>=2.11,<2.15",
+    "torchvision>=0.26,<0.30",
     "nvidia-dali-cuda120>=2.4",
     "deepspeed>=0.19",
     "submitit>=1.5",
@@ -23,9 +24,11 @@ setup(
     version="0.1.0",
     description="Distributed Feature Fusion Network (FFN) for long-tailed recognition",
     python_requires=">=3.10",
-    packages=find_packages(include=["ffn_dist", "ffn_dist.*", "launchers"]),
-    include_package_data=True,
+    # launchers/ and configs/ stay at the top of the repository and install inside the package.
+    packages=[*find_packages(include=["ffn_dist", "ffn_dist.*"]), "ffn_dist.launchers", "ffn_dist.configs"],
+    package_dir={"ffn_dist.launchers": "launchers", "ffn_dist.configs": "configs"},
+    package_data={"ffn_dist.launchers": ["*.sh"], "ffn_dist.configs": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "psutil>=5.9"]},
     entry_points={"console_scripts": ["ffn=ffn_dist.cli:main"]},
 )

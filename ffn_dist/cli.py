@@ -19,9 +19,10 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
+    from ffn_dist.config import resolve_config_path
     from ffn_dist.stages.pipeline import run_pipeline
 
-    run_pipeline(_config(args), args.config, args.overrides)
+    run_pipeline(_config(args), str(resolve_config_path(args.config)), args.overrides)
     return 0
 
 
@@ -67,7 +68,7 @@ def _launch_overrides(args) -> list[str]:
 
 
 def cmd_submit(args) -> int:
-    from launchers.slurm import describe, submit
+    from ffn_dist.launchers.slurm import describe, submit
 
     overrides = _launch_overrides(args)
     if args.dry_run:
@@ -78,7 +79,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from launchers.slurm import status
+    from ffn_dist.launchers.slurm import status
 
     return status(args.config, args.overrides)
 
@@ -212,21 +213,29 @@ def cmd_bench_all(args) -> int:
 def cmd_bench_gpu(args) -> int:
     from ffn_dist.bench.gpu import bench_gpu
 
-    figures = bench_gpu(args.images, args.batch_size, args.steps, args.rounds)
+    figures = bench_gpu(
+        args.part,
+        args.images,
+        args.batch_size,
+        args.steps,
+        args.rounds,
+        args.work_dir,
+        args.stage2_rows,
+        allow_cpu=args.allow_cpu,
+    )
     _write_json(figures, args.json_out)
-    print(f"figures: {args.json_out}")
     return 0
 
 
 def cmd_bench_accuracy(args) -> int:
     from ffn_dist.bench.accuracy import bench_accuracy
 
-    bench_accuracy(args.schedule, args.data_dir, args.work_dir)
+    bench_accuracy(args.schedule, args.archive, args.work_dir)
     return 0
 
 
 def _add_config_args(parser) -> None:
-    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml, or a shipped one's name (demo)")
     parser.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="config overrides")
 
 
@@ -379,22 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache_bench.add_argument("--json-out", default=None)
     cache_bench.set_defaults(func=cmd_bench_cache)
     gpu = bench_sub.add_parser(
-        "gpu", help="the GPU paths: DALI mixed, ResNet-50 bf16 step, cache (CUDA only)"
+        "gpu", help="the GPU paths, one part at a time: ResNet-50 bf16 step, cache, stage 2 (CUDA only)"
     )
+    gpu.add_argument("--part", choices=["stage1", "cache", "stage2"], required=True)
+    gpu.add_argument("--work-dir", default="runs/gpu_check/work", help="generated JPEGs, scratch caches")
+    gpu.add_argument("--stage2-rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT)")
     gpu.add_argument("--images", type=int, default=2048, help="generated 400x350 JPEGs")
     gpu.add_argument("--batch-size", type=int, default=256)
     gpu.add_argument("--steps", type=int, default=30)
     gpu.add_argument("--rounds", type=int, default=3)
-    gpu.add_argument("--json-out", default="runs/gpu_check/gpu_bench.json")
+    gpu.add_argument("--json-out", default=None)
+    gpu.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run on the CPU (meaningless figures: tests the check itself)",
+    )
     gpu.set_defaults(func=cmd_bench_gpu)
     accuracy = bench_sub.add_parser(
         "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the w1 sweep"
     )
     accuracy.add_argument("--schedule", choices=["cpu", "paper"], default="cpu")
     accuracy.add_argument(
-        "--data-dir",
-        default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-        help="folder holding cifar10-jpeg.tar.gz (default: ../shared/data beside the checkout)",
+        "--archive",
+        default=None,
+        help="cifar10-jpeg.tar.gz (default: $FFN_CIFAR10_ARCHIVE, else ../shared/data/ beside the checkout)",
     )
     accuracy.add_argument("--work-dir", default="runs/bench_accuracy")
     accuracy.set_defaults(func=cmd_bench_accuracy)

@@ -305,13 +305,32 @@ def _apply_override(raw: dict, path: list[str], value) -> None:
     node[path[-1]] = value
 
 
+def shipped_configs() -> Path:
+    """The configs ffn-dist ships: inside the installed package (a wheel), else the
+    repository's top-level configs/ (a checkout, editable or on PYTHONPATH)."""
+    package = Path(__file__).resolve().parent
+    inside = package / "configs"
+    return inside if inside.is_dir() else package.parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file, or the name of a shipped one (`demo` for its demo.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs() / f"{path.name}.yaml"
+    if path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in shipped_configs().glob("*.yaml")))
+    raise ConfigError(f"{path}: config file not found (the shipped configs can be named: {names})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    """Load a YAML config (a path, or a shipped config's name; the defaults when `path` is
+    None) and apply overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        path = resolve_config_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

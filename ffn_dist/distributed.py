@@ -1,8 +1,10 @@
-"""World and branch process groups, backend choice, and wrapping a model for its group.
+"""World and branch process groups, and averaging a model's buffers over a group.
 
 FFN's stage 1 trains two backbones (CE and KPS) at once: the world is split into two
 process groups, one per branch, each data-parallel on its own. With one process both
-branches train in it, one after the other.
+branches train in it, one after the other. Which GPU each rank uses and which backend each
+group gets is decided in `layout` (NCCL where a group's ranks hold distinct GPUs, gloo
+otherwise); the world itself is on gloo, so processes may share GPUs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ffn_dist.errors import FFNError
-
-BRANCHES = ("ce", "kps")
+from ffn_dist.layout import BRANCHES, Placement, gpu_for, plan_groups
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def rank_device(local_rank: int, gpus: int) -> torch.device:
+    """This process's device: GPU `local_rank % gpus` (shared when processes outnumber GPUs)."""
+    gpu = gpu_for(local_rank, gpus)
+    return torch.device("cpu") if gpu is None else torch.device("cuda", gpu)
+
+
 def init_world() -> World:
     """Join the job torchrun (or SLURM via the launcher) started, or form a world of one."""
     if "RANK" not in os.environ:  # a plain `ffn ...` without torchrun
@@ -59,20 +69,14 @@ def init_world() -> World:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = rank_device(local_rank, visible_gpus())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group(
-            backend,
-            store=_attempt_store(rank, size),
-            rank=rank,
-            world_size=size,
-            device_id=device if device.type == "cuda" else None,
-        )
+        # gloo: world-level collectives are barriers and small objects, and NCCL would refuse
+        # a world in which two processes share a GPU.
+        dist.init_process_group("gloo", store=_attempt_store(rank, size), rank=rank, world_size=size)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -95,27 +99,21 @@ def _attempt_store(rank: int, size: int) -> dist.Store:
     return dist.PrefixStore(f"ffn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def branch_ranks(world_size: int, kps_ranks: int | None) -> dict[str, tuple[int, ...]]:
-    """KPS gets the last `kps_ranks` ranks (default half), CE the rest; one process: both."""
-    if world_size == 1:
-        return {"ce": (0,), "kps": (0,)}
-    kps = world_size // 2 if kps_ranks is None else kps_ranks
-    if not 1 <= kps <= world_size - 1:
-        raise FFNError(
-            f"dist.kps_ranks: got {kps_ranks} with {world_size} processes; each branch needs "
-            f"at least one rank, so expected 1..{world_size - 1}"
-        )
-    return {"ce": tuple(range(world_size - kps)), "kps": tuple(range(world_size - kps, world_size))}
+def world_placements(world: World) -> list[Placement]:
+    """Every rank's (host, GPU), as the ranks report them."""
+    everyone = [None] * world.size
+    dist.all_gather_object(everyone, Placement(socket.gethostname(), world.device.index))
+    return everyone
 
 
-def make_branches(world: World, kps_ranks: int | None) -> list[Branch]:
+def make_branches(world: World, dist_cfg) -> list[Branch]:
     """The branches this rank trains. Every rank creates every group, in the same order."""
-    layout = branch_ranks(world.size, kps_ranks)
-    groups = {name: dist.new_group(list(layout[name])) for name in BRANCHES}
+    plans = plan_groups(world_placements(world), dist_cfg.kps_ranks, dist_cfg.engine)
+    groups = {name: dist.new_group(list(plans[name].ranks), backend=plans[name].backend) for name in BRANCHES}
     return [
-        Branch(name, layout[name], groups[name], layout[name].index(world.rank))
+        Branch(name, plans[name].ranks, groups[name], plans[name].ranks.index(world.rank))
         for name in BRANCHES
-        if world.rank in layout[name]
+        if world.rank in plans[name].ranks
     ]
 
 

@@ -6,6 +6,8 @@ backward_step, set_lr, state / load_state and the unwrapped `module`.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,16 +35,29 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def no_buffer_sync(ddp_class) -> dict:
+    """The DDP argument that stops rank 0's buffers overwriting the others' at every forward:
+    `forward_sync_buffers=False` where it exists (torch 2.14, which deprecates the other),
+    else `broadcast_buffers=False` (every version). Chosen by the signature, not the version."""
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class DDPEngine(Engine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, branch: Branch, world: World):
         self.module, self.optimizer = model, optimizer
-        device_ids = [world.local_rank] if world.device.type == "cuda" else None
-        # BatchNorm statistics stay per replica during an epoch and are averaged at its end
-        # (distributed.average_buffers), as under DeepSpeed, instead of rank 0's overwriting
-        # the others at every forward.
-        self.model = DistributedDataParallel(
-            model, process_group=branch.group, device_ids=device_ids, forward_sync_buffers=False
-        )
+        self.model = model
+        if branch.size > 1:  # a group of one would only copy gradients into buckets and back
+            device_ids = [world.device.index] if world.device.type == "cuda" else None
+            # BatchNorm statistics stay per replica during an epoch and are averaged at its end
+            # (distributed.average_buffers), as under DeepSpeed.
+            self.model = DistributedDataParallel(
+                model,
+                process_group=branch.group,
+                device_ids=device_ids,
+                **no_buffer_sync(DistributedDataParallel),
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -70,6 +70,14 @@ class _MixupLoss(nn.Module):
     """Dispatches integer targets and mixup targets to `single(logits, labels)`."""
 
     num_classes: int
+    checks_labels = True
+
+    def trusting_labels(self):
+        """This loss without its per-step label check, for labels validated where they were
+        read (split files, the cache): on a GPU the check reads them back to the host, which
+        stalls every step."""
+        self.checks_labels = False
+        return self
 
     def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
         if isinstance(target, tuple):
@@ -85,7 +93,8 @@ class _MixupLoss(nn.Module):
             raise FFNError(
                 f"logits have {logits.shape[-1]} classes, the loss was built for {self.num_classes}"
             )
-        check_labels(labels, self.num_classes)
+        if self.checks_labels:
+            check_labels(labels, self.num_classes)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # margins of a few hundredths need more than bf16's 8 bits
         return logits

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffn_dist.config import Config, load_config
+from ffn_dist.config import Config, load_config, resolve_config_path
 from ffn_dist.errors import FFNError
+from ffn_dist.layout import describe_groups, plan_groups, planned_placements
 
 STAGES = ("stage1", "cache", "classifier")
 COMMANDS = {
@@ -123,6 +124,13 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.launch.gpus_per_node or cfg.dist.nproc
 
 
+def stage1_groups(cfg: Config) -> dict:
+    """Stage 1's process groups in this allocation; refuses a layout that cannot work."""
+    launch = cfg.launch
+    placements = planned_placements(launch.nodes, tasks_per_node(cfg), launch.gpus_per_node)
+    return plan_groups(placements, cfg.dist.kps_ranks, cfg.dist.engine)
+
+
 def stage_resources(cfg: Config, stage: str) -> dict:
     launch = cfg.launch
     single = stage == "classifier"
@@ -210,11 +218,8 @@ def sbatch_script(cfg: Config, stage: str, dependency: str | None) -> str:
 
 def describe(cfg: Config, config_path: str, overrides: list[str]) -> str:
     """What `ffn submit` would submit: resources, environment, commands, sbatch scripts."""
-    from ffn_dist.distributed import branch_ranks
-
+    groups = stage1_groups(cfg)
     lines = []
-    world = cfg.launch.nodes * tasks_per_node(cfg)
-    groups = branch_ranks(world, cfg.dist.kps_ranks)
     for number, stage in enumerate(STAGES):
         res = stage_resources(cfg, stage)
         tasks = res["nodes"] * res["tasks_per_node"]
@@ -229,10 +234,9 @@ def describe(cfg: Config, config_path: str, overrides: list[str]) -> str:
             f"RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE={tasks}",
         ]
         if stage == "stage1":
-            ce, kps = groups["ce"], groups["kps"]
             lines.append(
-                f"   process groups: CE ranks {ce[0]}-{ce[-1]} ({len(ce)}), KPS ranks {kps[0]}-{kps[-1]} "
-                f"({len(kps)}); each data-parallel ({cfg.dist.engine}), DALI shards per group"
+                f"   process groups: {describe_groups(groups)}; each data-parallel ({cfg.dist.engine}), "
+                "loader shards per group"
             )
         script = sbatch_script(cfg, stage, "<id>" if number else None)
         lines += ["   sbatch script:", *("     " + line for line in script.splitlines()), ""]
@@ -263,9 +267,11 @@ def _save_record(cfg: Config, kind: str, records: list[dict]) -> None:
 
 def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bool = False) -> list[dict]:
     cfg = load_config(config_path, overrides)
+    stage1_groups(cfg)  # refuse a layout that cannot work before anything is queued
     slurm_dir(cfg).mkdir(parents=True, exist_ok=True)
     (slurm_dir(cfg) / "requeues.json").unlink(missing_ok=True)
-    config_path = str(Path(config_path).resolve())  # the jobs may start in another directory
+    # the jobs may start in another directory; a shipped config's name becomes its file
+    config_path = str(resolve_config_path(config_path).resolve())
     records, previous = [], None
     for stage in STAGES:
         executor = _executor(cfg, stage, kind, previous.job_id if previous else None)

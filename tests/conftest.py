@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 from PIL import Image
 
 from ffn_dist.data.builtin import ensure_builtin
+from ffn_dist.distributed import init_world
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -20,6 +22,28 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("builtin") / "digits"
     ensure_builtin("digits", root)
     return root
+
+
+WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def world_env():
+    """For code that forms a world of one in this process: init_world sets torchrun's
+    variables, which must not leak into the processes later tests start."""
+    saved = {key: os.environ.pop(key) for key in WORLD_ENV if key in os.environ}
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key in WORLD_ENV:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def world(world_env):
+    """A world of one (gloo) in this process."""
+    return init_world()
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """The benchmarks run and print their tables (their figures are for the README, not asserted)."""
 
 import json
+import os
 import subprocess
-import sys
 
 import pytest
 
 from ffn_dist.bench.timing import median_ratio
-from tests.conftest import run_ffn
+from tests.conftest import REPO, run_ffn
+from tests.test_run import SHORT
 
 
 def test_bench_loader_prints_both_backends(tmp_path):
@@ -113,21 +114,49 @@ def test_median_ratio_pairs_the_rounds():
         median_ratio([1.0], [1.0, 2.0])
 
 
-GPU_BENCH_ON_CPU = """
-import json, sys
-sys.modules["nvidia.dali.plugin.pytorch"] = None  # a CUDA image without DALI
-from ffn_dist.bench.gpu import bench_gpu
-print("FIGURES", json.dumps(bench_gpu(images=10, batch_size=2, steps=1, rounds=1, allow_cpu=True)))
-"""
-
-
-def test_the_gpu_bench_code_runs_through_on_the_cpu_without_dali():
-    """`ffn bench gpu` only means something on a GPU, which CI has not; its code still runs
-    here, so the GPU check cannot fail on a slip when a device is lent."""
-    command = [sys.executable, "-c", GPU_BENCH_ON_CPU]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.split("FIGURES ", 1)[1])
-    assert figures["dali_mixed_img_s"] is None and "nvidia.dali" in figures["dali_missing"]
-    assert figures["stage1"]["loader"] == "torch" and figures["stage1"]["loader_fed_img_s"] > 0
-    assert figures["cache"]["cache_vs_plain"] > 0 and figures["cache"]["size_vs_payload"] >= 1.0
+def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
+    """scripts/gpu_check.sh only means something on a GPU, which CI has not; its code still
+    runs here, with DALI hidden as on a stock CUDA image, so it cannot fail on a slip the day
+    a device is lent. This includes the demo with 2 processes on fewer GPUs than processes'
+    layout logic (tests/test_layout.py) and every part's JSON."""
+    hide_dali = tmp_path / "nodali"  # every Python the check starts imports this first
+    hide_dali.mkdir()
+    (hide_dali / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None\n")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(hide_dali),
+        OUT=str(tmp_path / "out"),
+        GPU_CHECK_WORK=str(tmp_path / "work"),
+        GPU_CHECK_ALLOW_CPU="1",
+        GPU_CHECK_IMAGES="10",
+        GPU_CHECK_BATCH="2",
+        GPU_CHECK_STEPS="1",
+        GPU_CHECK_ROUNDS="1",
+        GPU_CHECK_STAGE2_ROWS="2000",
+        GPU_CHECK_DEMO_ARGS=" ".join(SHORT),
+        CIFAR_ARCHIVE=str(tmp_path / "absent.tar.gz"),
+        OMP_NUM_THREADS="1",
+    )
+    result = subprocess.run(
+        ["bash", REPO / "scripts" / "gpu_check.sh"], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = {p.name for p in (tmp_path / "out").iterdir()}  # what a device call brings back: few files
+    assert out == {"cache.log", "demo.log", "stage1.log", "stage2.log", "gpu_check.json", "nvidia-smi.txt"}
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert {name: part["status"] for name, part in check["parts"].items()} == {
+        "stage1": "completed",
+        "cache": "completed",
+        "stage2": "completed",
+        "demo": "completed",
+        "paper": "skipped",
+    }
+    assert "nvidia.dali" in check["dali_missing"]
+    stage1 = check["stage1"]
+    assert stage1["loader"] == "torch" and stage1["dali_mixed_img_s"] is None
+    assert stage1["bare_img_s"] > 0 and stage1["synthetic_img_s"] > 0 and stage1["loader_fed_img_s"] > 0
+    assert stage1["stage1_vs_bare"] > 0 and stage1["step_profile"]["ms_per_step"]
+    assert check["cache"]["cache_vs_plain"] > 0 and check["cache"]["size_vs_payload"] >= 1.0
+    assert check["stage2"]["large"]["rows"] == 2000 and check["stage2"]["large_epoch_vs_matmul_bound"] > 0
+    assert set(check["demo"]["top1"]) == {"CE", "KPS", "FFN (w1=0.5)"} and check["demo"]["wall_s"] >= 0
+    assert "| FFN (w1=0.5) |" in check["demo"]["table"]

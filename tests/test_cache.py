@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from ffn_dist.bench.cache import fake_stage1
 from ffn_dist.cache.shards import CacheError, MappedShard, sha256_file
 from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.models import CosineHead, fused_embedding
-from ffn_dist.stages.cache import cache_dir, load_frozen, open_run_cache
+from ffn_dist.stages.cache import cache_dir, cache_features, load_frozen, open_run_cache
 from tests.conftest import CONFIG, TEST_IMAGES, TRAIN_IMAGES, run_ffn
 from tests.conftest import cache_overrides as overrides
+from tests.test_loaders import worker_starts  # noqa: F401  (a fixture)
 
 
 def copy_run(run, tmp_path):
@@ -125,3 +127,19 @@ def test_fused_store_holds_only_z_for_its_weights(cached_run, tiny_root, tmp_pat
     assert torch.allclose(z, reference, atol=2e-3)
     with pytest.raises(CacheError, match="stores only z for w1=0.5"):
         fused.fused(np.arange(3), 0.3, 0.7)
+
+
+def test_the_cache_starts_its_loader_workers_once_for_every_view_and_split(
+    tiny_root,
+    tmp_path,
+    worker_starts,  # noqa: F811  (the fixture imported above)
+    world_env,
+):
+    cfg = load_config(
+        CONFIG, overrides(tiny_root, tmp_path / "run", "data.backend=torch", "data.num_threads=2")
+    )
+    fake_stage1(cfg)  # untrained final checkpoints: only the passes matter here
+    cache_features(cfg)
+    cache = open_run_cache(cfg)
+    assert len(cache.splits["train"]) == 3 * TRAIN_IMAGES and len(cache.splits["test"]) == TEST_IMAGES
+    assert len(worker_starts) == 1  # 3 training views and the test split: one start

@@ -5,7 +5,8 @@ import yaml
 
 from ffn_dist.config import ConfigError, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 def write(tmp_path, text) -> Path:
@@ -102,6 +103,18 @@ def test_malformed_override_and_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_a_shipped_config_can_be_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the name alone finds the file
+    assert load_config("demo", ["seed=3"]) == load_config(CONFIGS_DIR / "demo.yaml", ["seed=3"])
+    assert load_config("imagenet_lt_r50").model.arch == "resnet50"
+    with pytest.raises(
+        ConfigError,
+        match=r"dem: config file not found \(the shipped configs can be named: "
+        r"cifar100_lt_r32, cifar10_lt_r32, demo, imagenet_lt_r50\)",
+    ):
+        load_config("dem")
 
 
 def test_saved_config_is_the_fully_resolved_one(tmp_path):

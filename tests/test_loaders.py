@@ -1,10 +1,13 @@
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from ffn_dist.config import load_config
+from ffn_dist.data import torch_loader
 from ffn_dist.data.loader import BadImageError, build_loader
 from ffn_dist.data.splits import read_split
 from ffn_dist.errors import FFNError
@@ -151,3 +154,50 @@ def test_without_dali_the_dali_backend_is_refused_and_the_torch_one_still_runs(d
     with pytest.raises(FFNError, match="data.backend=dali needs NVIDIA DALI.*set data.backend=torch"):
         build_loader(cfg, split, train=False, backend="dali")
     assert first_batch(cfg, split, "torch").images.shape == (64, 3, 32, 32)
+
+
+@pytest.fixture
+def worker_starts(monkeypatch):
+    """Counts the times DataLoader workers are started, in a process with no pool yet."""
+    monkeypatch.setattr(torch_loader, "_POOLS", {})
+    starts = []
+    start = DataLoader._get_iterator
+
+    def counted(self):
+        starts.append(self)
+        return start(self)
+
+    monkeypatch.setattr(DataLoader, "_get_iterator", counted)
+    return starts
+
+
+def test_torch_loader_workers_start_once_for_every_epoch_split_and_view(demo_root, worker_starts):
+    """Start-up (seconds: a fresh interpreter per worker) is paid once per process, not per
+    epoch, per evaluation or per cache pass."""
+    cfg = data_cfg(demo_root, "data.num_threads=2")
+    train_split = demo_split(demo_root, "train.txt", is_train=True)
+    train = build_loader(cfg, train_split, train=True, backend="torch")
+    test = build_loader(cfg, demo_split(demo_root), train=False, backend="torch")
+    me = psutil.Process()
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        assert len(torch.cat([b.indices for b in train])) == len(train_split)
+        if epoch == 0:
+            workers = {p.pid for p in me.children(recursive=True)}
+        assert len(torch.cat([b.indices for b in test])) == 300  # the evaluation between epochs
+    views = build_loader(cfg, train_split.subset(range(40)), train=True, backend="torch", order="sequential")
+    for view in (1, 2):  # a cache's augmented passes over a part
+        views.set_epoch(view)
+        assert torch.cat([b.indices for b in views]).tolist() == list(range(40))
+    assert len(worker_starts) == 1
+    assert {p.pid for p in me.children(recursive=True)} == workers  # the same processes throughout
+
+
+def test_two_torch_loaders_cannot_be_read_at_once(demo_root, worker_starts):
+    cfg = data_cfg(demo_root, "data.batch_size=8")
+    first, second = (build_loader(cfg, demo_split(demo_root), train=False, backend="torch") for _ in range(2))
+    reading = iter(first)
+    next(reading)
+    next(iter(second))  # takes the shared workers over
+    with pytest.raises(RuntimeError, match="two torch loaders were iterated at once"):
+        next(reading)

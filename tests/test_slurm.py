@@ -153,7 +153,7 @@ def test_dry_run_of_a_4_node_8_gpu_imagenet_submission(tmp_path):
     out = result.stdout
     assert out.count("4 node(s) x 8 task(s) = 32 task(s), 8 GPU(s)/node") == 2  # stage 1, cache
     assert "1 node(s) x 1 task(s) = 1 task(s), 1 GPU(s)/node" in out  # classifier
-    assert "CE ranks 0-15 (16), KPS ranks 16-31 (16)" in out
+    assert "CE ranks 0-15 (16, nccl), KPS ranks 16-31 (16, nccl)" in out
     for line in (
         "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8",

@@ -14,18 +14,18 @@ warm-up over the first, x0.1 at 80% and x0.01 at 90% of training, KPS per-class 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
-from ffn_dist.config import load_config
+from ffn_dist.config import load_config, shipped_configs
 from ffn_dist.data.longtail import make_lt
 from ffn_dist.errors import FFNError
 from ffn_dist.stages.classifier import parse_sweep, train_classifier
 from ffn_dist.stages.evaluate import COLUMNS, markdown_table
 from ffn_dist.stages.pipeline import run_pipeline
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "cifar10_lt_r32.yaml"
+CONFIG = shipped_configs() / "cifar10_lt_r32.yaml"
 ARCHIVE = "cifar10-jpeg.tar.gz"
 EXPECTED_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 SCHEDULES = {
@@ -46,9 +46,14 @@ SCHEDULES = {
 CPU_CALIBRATION = {"CE": 32.9, "KPS": 20.9, "FFN": 57.2, "sweep_w1_0": 53.3, "sweep_w1_1": 59.5}
 
 
-def prepare_cifar10_lt(data_dir: Path, work_dir: Path) -> tuple[Path, Path]:
+def default_archive() -> Path:
+    """$FFN_CIFAR10_ARCHIVE, else ../shared/data/ beside the checkout (this project's machines)."""
+    given = os.environ.get("FFN_CIFAR10_ARCHIVE")
+    return Path(given) if given else Path(__file__).resolve().parents[3] / "shared" / "data" / ARCHIVE
+
+
+def prepare_cifar10_lt(archive: Path, work_dir: Path) -> tuple[Path, Path]:
     """Extract the JPEGs (once) and write the IF-100 split; returns (image root, split dir)."""
-    archive = Path(data_dir) / ARCHIVE
     images, splits = work_dir / "cifar10", work_dir / "cifar10_lt"
     if not (images / ".complete").is_file():
         print(f"extracting {archive} -> {images}", flush=True)
@@ -67,13 +72,13 @@ def _row(report: dict) -> dict:
     return {k: report.get(k) for k in COLUMNS}
 
 
-def bench_accuracy(schedule: str, data_dir: str, work_dir: str) -> dict | None:
-    archive = Path(data_dir) / ARCHIVE
+def bench_accuracy(schedule: str, archive: str | None, work_dir: str) -> dict | None:
+    archive = Path(archive) if archive else default_archive()
     if not archive.is_file():
-        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs beside the checkout); nothing was run")
+        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs, --archive); nothing was run")
         return None
     work = Path(work_dir).resolve()
-    images, splits = prepare_cifar10_lt(Path(data_dir), work)
+    images, splits = prepare_cifar10_lt(archive, work)
     overrides = [
         f"data.root={images}",
         f"data.train_split={splits / 'train.txt'}",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ffn_dist.bench.timing import interleaved_medians, markdown_table
+from ffn_dist.bench.timing import interleaved_medians, markdown_table, synchronize
 from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
@@ -31,7 +31,7 @@ from ffn_dist.stages.cache import STORED_DTYPES, cache_dir, cache_features
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _fake_stage1(cfg: Config) -> None:
+def fake_stage1(cfg: Config) -> None:
     """Final stage-1 checkpoints with freshly initialised weights (timings do not care)."""
     for branch in BRANCHES:
         state = {"model": build_network(cfg, branch).state_dict(), "config_hash": stage1_hash(cfg)}
@@ -42,7 +42,7 @@ def _loaders(cfg: Config):
     data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.cache.batch_size)
     for name, split in open_dataset(cfg.data).splits().items():
         for view in range(cfg.cache.train_views if name == "train" else 1):
-            loader = build_loader(data_cfg, split, train=view > 0, order="sequential")
+            loader = build_loader(data_cfg, split, train=view > 0, order="sequential", run_dir=cfg.output_dir)
             loader.set_epoch(view)
             yield loader
 
@@ -60,6 +60,7 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
                     x = place_images(batch.images, device)
                     for network in networks.values():
                         network.embed(x)
+        synchronize(device)
         return images / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-cache-") as tmp:
@@ -67,7 +68,7 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
 
         def cached() -> float:
             run_cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / f"run{next(runs)}"))
-            _fake_stage1(run_cfg)
+            fake_stage1(run_cfg)
             for key in WORLD_ENV:  # a fresh world of one for every round
                 os.environ.pop(key, None)
             start = time.perf_counter()

@@ -1,18 +1,19 @@
-"""`ffn bench gpu` (run by scripts/gpu_check.sh): the GPU paths, measured on one CUDA device.
+"""`ffn bench gpu --part P` (run part by part by scripts/gpu_check.sh): the GPU paths on one device.
 
-- DALI `mixed` decoding (nvJPEG on the GPU) of generated ImageNet-sized JPEGs, img/s;
-- a ResNet-50 stage-1 step in bf16 with channels_last on synthetic batches, and the same step
-  fed by DALI from those JPEGs (img/s of both and their ratio; goal: within 5%), with a bare
-  PyTorch loop for reference (`ffn bench train`);
-- the feature cache against a plain forward of both ResNet-50s (`ffn bench cache`).
-Where DALI is not installed (a bare CUDA image) the DALI figures are recorded as missing,
-with the reason, and the loader-fed figures use the torch loader.
+- `stage1`: a ResNet-50 stage-1 step in bf16 with channels_last against a bare PyTorch loop,
+  on synthetic batches delivered as the loader delivers them, and fed by the loader from
+  generated ImageNet-sized JPEGs (`ffn bench train`); whether a step synchronises with the
+  host; where a step's time goes; DALI `mixed` decoding (nvJPEG) when DALI is installed.
+- `cache`: the feature cache against a plain forward of both ResNet-50s (`ffn bench cache`).
+- `stage2`: a classifier epoch on a cache of ImageNet-LT's size against its matrix products,
+  and the authors' way on the demo data (`ffn bench stage2`), on the device.
+Where DALI is not installed (a bare CUDA image) its figures are recorded as missing, with the
+reason, and the torch loader feeds.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,69 +21,122 @@ import torch
 
 from ffn_dist.bench.cache import bench_cache
 from ffn_dist.bench.loader import write_large_jpegs
+from ffn_dist.bench.stage2 import bench_stage2
 from ffn_dist.bench.suite import machine, versions
-from ffn_dist.bench.timing import endless_batches
+from ffn_dist.bench.timing import endless_batches, synchronize
 from ffn_dist.bench.train import bench_train
-from ffn_dist.config import load_config
+from ffn_dist.config import load_config, shipped_configs
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader, dali_missing
 from ffn_dist.errors import FFNError
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "imagenet_lt_r50.yaml"
+CONFIG = shipped_configs() / "imagenet_lt_r50.yaml"
+PARTS = ("stage1", "cache", "stage2")
+IMAGENET_LT_TRAIN = 115846
 
 
 def _dali_mixed_rate(cfg, seconds: float = 20.0) -> float:
-    loader = build_loader(cfg.data, open_dataset(cfg.data).train, train=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    loader = build_loader(cfg.data, open_dataset(cfg.data).train, train=True, device=device)
     batches = endless_batches(loader)
     for _ in range(3):
         next(batches)
-    torch.cuda.synchronize()
+    synchronize(device)
     seen, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         seen += len(next(batches).labels)
-    torch.cuda.synchronize()
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
-def bench_gpu(images: int, batch_size: int, steps: int, rounds: int, allow_cpu: bool = False) -> dict:
-    """`allow_cpu` (tests only) runs the same code on the CPU, whose figures mean nothing."""
+def _jpegs(work: Path, images: int) -> Path:
+    """Generated 400x350 JPEGs (ImageNet-sized) in `work`, written once and reused by every part."""
+    root = work / "jpegs"
+    if not (root / "train.txt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        write_large_jpegs(root, images)
+        (root / "test.txt").write_text((root / "train.txt").read_text())
+    return root
+
+
+def _imagenet_like(work: Path, images: int, batch_size: int, *extra: str):
+    root = _jpegs(work, images)
+    overrides = [
+        f"data.root={root}",
+        "data.train_split=train.txt",
+        "data.test_split=test.txt",
+        "data.val_split=null",
+        "data.num_classes=10",
+        f"data.batch_size={batch_size}",
+        f"data.num_threads={os.cpu_count() or 1}",
+        f"output_dir={work}/run",
+        *extra,
+    ]
+    if dali_missing():
+        overrides.append("data.backend=torch")
+    return load_config(CONFIG, overrides)
+
+
+def _stage1(work: Path, images: int, batch_size: int, steps: int, rounds: int) -> dict:
+    cfg = _imagenet_like(work, images, batch_size)
+    figures = {"dali_mixed_img_s": None}
+    if not dali_missing() and torch.cuda.is_available():
+        figures["dali_mixed_img_s"] = _dali_mixed_rate(cfg)
+        print(f"DALI mixed decoding + RRC 224: {figures['dali_mixed_img_s']:,.0f} img/s", flush=True)
+    train = bench_train(cfg, steps, rounds)
+    rates = train["images_per_s"]
+    synthetic = rates["stage-1 step (mixup, KPS, engine)"]
+    fed = rates[f"end to end ({cfg.data.backend} loader)"]
+    figures.update(
+        train,
+        bare_img_s=rates["bare PyTorch loop"],
+        synthetic_img_s=synthetic,
+        loader=cfg.data.backend,
+        loader_fed_img_s=fed,
+        loader_fed_vs_synthetic=fed / synthetic,
+    )
+    return figures
+
+
+def _cache(work: Path, images: int, batch_size: int) -> dict:
+    # 4 views of every image: enough passes that the job's fixed costs (checkpoint hashes,
+    # the manifest) weigh as little as they do on ImageNet-LT's 115,846 x 5 views.
+    cfg = _imagenet_like(work, images, batch_size, "cache.train_views=4", f"cache.batch_size={batch_size}")
+    return bench_cache(cfg, rounds=1, work_dir=str(work))
+
+
+def _stage2(work: Path, rows: int, steps: int, rounds: int) -> dict:
+    cfg = load_config("demo", [f"data.root={work}/demo", "data.backend=torch"])
+    return bench_stage2(cfg, rows, 2048, 1000, rounds, steps, str(work))
+
+
+def bench_gpu(
+    part: str,
+    images: int,
+    batch_size: int,
+    steps: int,
+    rounds: int,
+    work_dir: str,
+    stage2_rows: int = IMAGENET_LT_TRAIN,
+    allow_cpu: bool = False,
+) -> dict:
+    """One part's figures. `allow_cpu` (tests only) runs the same code on the CPU, whose
+    figures mean nothing."""
     if not (allow_cpu or torch.cuda.is_available()):
         raise FFNError("ffn bench gpu needs a CUDA device; none is visible")
-    with tempfile.TemporaryDirectory(prefix="ffn-bench-gpu-") as tmp:
-        write_large_jpegs(Path(tmp), images)
-        (Path(tmp) / "test.txt").write_text((Path(tmp) / "train.txt").read_text())
-        overrides = [
-            f"data.root={tmp}",
-            "data.train_split=train.txt",
-            "data.test_split=test.txt",
-            "data.val_split=null",
-            "data.num_classes=10",
-            f"data.batch_size={batch_size}",
-            f"data.num_threads={min(8, os.cpu_count() or 1)}",
-            f"output_dir={tmp}/run",
-            "cache.train_views=1",
-        ]
-        missing = dali_missing()
-        if missing:
-            print(f"DALI is not installed ({missing}): its figures are skipped, the torch loader feeds")
-            overrides.append("data.backend=torch")
-        cfg = load_config(CONFIG, overrides)
-        figures = {"machine": machine(), "versions": versions(), "batch_size": batch_size}
-        figures.update(dali_missing=missing, dali_mixed_img_s=None)
-        if not missing:
-            figures["dali_mixed_img_s"] = _dali_mixed_rate(cfg)
-            print(f"DALI mixed decoding + RRC 224: {figures['dali_mixed_img_s']:,.0f} img/s", flush=True)
-        train = bench_train(cfg, steps, rounds)
-        rates = train["images_per_s"]
-        synthetic = rates["stage-1 step (mixup, KPS, engine)"]
-        fed = rates[f"end to end ({cfg.data.backend} loader)"]
-        figures["stage1"] = {
-            "images_per_s": rates,
-            "synthetic_img_s": synthetic,
-            "loader": cfg.data.backend,
-            "loader_fed_img_s": fed,
-            "loader_fed_vs_synthetic": fed / synthetic,
-            "stage1_vs_bare": train["stage1_vs_bare"],
-        }
-        figures["cache"] = bench_cache(load_config(CONFIG, overrides), rounds=1, work_dir=tmp)
+    if part not in PARTS:
+        raise FFNError(f"ffn bench gpu --part: got {part!r}, expected one of {', '.join(PARTS)}")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    missing = dali_missing()
+    if missing:
+        print(f"DALI is not installed ({missing}): its figures are skipped, the torch loader feeds")
+    figures = {"part": part, "machine": machine(), "versions": versions(), "batch_size": batch_size}
+    figures["dali_missing"] = missing
+    if part == "stage1":
+        figures[part] = _stage1(work, images, batch_size, steps, rounds)
+    elif part == "cache":
+        figures[part] = _cache(work, images, batch_size)
+    else:
+        figures[part] = _stage2(work, stage2_rows, steps, rounds)
     return figures

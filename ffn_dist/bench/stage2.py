@@ -18,14 +18,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ffn_dist.bench.timing import interleaved_medians, interleaved_runs, markdown_table, median_ratio, medians
+from ffn_dist.bench.timing import (
+    endless_batches,
+    interleaved_medians,
+    interleaved_runs,
+    markdown_table,
+    median_ratio,
+    medians,
+    synchronize,
+)
 from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import FeatureCache, open_cache, write_manifest
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
-from ffn_dist.data.loader import build_loader
+from ffn_dist.data.loader import build_loader, default_device
+from ffn_dist.distributed import BRANCHES
 from ffn_dist.losses import LDAMLoss
 from ffn_dist.models import CosineHead, fused_embedding
+from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.stages.backbones import build_network
 from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer
 
@@ -75,16 +85,18 @@ def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
     return run, trainer.steps_per_epoch
 
 
-def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int):
+def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device: torch.device):
     """The two products of a step, logits z W^T and weight gradient G^T z, `steps` times."""
-    z, grad = torch.randn(batch, dims), torch.randn(batch, classes)
-    weight = torch.randn(classes, dims)
+    z, grad = torch.randn(batch, dims, device=device), torch.randn(batch, classes, device=device)
+    weight = torch.randn(classes, dims, device=device)
 
     def run() -> float:
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             z @ weight.t()
             grad.t() @ z
+        synchronize(device)
         return time.perf_counter() - start
 
     return run
@@ -92,37 +104,36 @@ def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int):
 
 def _backbone_epoch_runner(cfg: Config, timed_steps: int):
     """Seconds per epoch of the authors' stage 2, from `timed_steps` timed steps: both frozen
-    backbones on an augmented, class-balanced batch, then the same classifier step."""
+    backbones on an augmented, class-balanced batch, then the same classifier step, all on
+    the device the classifier trains on."""
+    device = default_device()
     dataset = open_dataset(cfg.data)
-    networks = {b: build_network(cfg, b).eval().requires_grad_(False) for b in ("ce", "kps")}
-    loader = build_loader(cfg.data, dataset.train, train=True, balanced=True)
+    networks = {b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in BRANCHES}
+    loader = build_loader(
+        cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=cfg.output_dir
+    )
     s2 = cfg.stage2
-    head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes)
-    loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s)
+    head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes).to(device)
+    loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s).trusting_labels().to(device)
     train_step = ClassifierStep(head, loss_fn, s2.momentum, s2.weight_decay)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
-
-    def batches():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    stream = batches()
+    stream = endless_batches(loader)
 
     def step():
         batch = next(stream)
-        with torch.no_grad():
-            f_ce, f_kps = (networks[b].embed(batch.images) for b in ("ce", "kps"))
-        train_step(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels, s2.lr)
+        with torch.no_grad(), autocast(device, cfg.model.precision):
+            images = place_images(batch.images, device)
+            f_ce, f_kps = (networks[b].embed(images).float() for b in BRANCHES)
+        train_step(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels.to(device), s2.lr)
 
     step()  # warm-up: loader start, first allocations
 
     def run() -> float:
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(timed_steps):
             step()
+        synchronize(device)
         return (time.perf_counter() - start) / timed_steps * steps_per_epoch
 
     return run, len(dataset.train)
@@ -138,7 +149,7 @@ def bench_stage2(
             print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
             big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
             big_epoch, big_steps = _cache_epoch_runner(_with_classes(cfg, classes), big)
-            bound = _matmul_bound_runner(big_steps, batch, dims, classes)
+            bound = _matmul_bound_runner(big_steps, batch, dims, classes, default_device())
             large_runs = interleaved_runs({"cache epoch": big_epoch, "matrix products": bound}, rounds)
             large = medians(large_runs)
 
@@ -149,6 +160,7 @@ def bench_stage2(
         small = interleaved_medians({"cache epoch": same_epoch, "backbones every batch": backbones}, rounds)
 
     result = {
+        "device": str(default_device()),
         "threads": torch.get_num_threads(),
         "batch_size": batch,
         "data": {"images": images, "arch": cfg.model.arch, "root": cfg.data.root, "seconds_per_epoch": small},

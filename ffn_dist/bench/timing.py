@@ -5,6 +5,14 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a timing covers it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def images_per_second(batches, num_images: int, warmup_batches: int = 2) -> float:
     """Drain `batches` (an iterator of tensors-with-len) until `num_images` are timed."""

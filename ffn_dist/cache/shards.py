@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ffn_dist.errors import FFNError
 
-NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
+NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
 
 class CacheError(FFNError):

@@ -7,9 +7,7 @@ so the demo reads them through exactly the loader path ImageNet-LT uses.
 
 from __future__ import annotations
 
-import fcntl
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +15,12 @@ from PIL import Image
 
 from ffn_dist.data.longtail import make_lt
 from ffn_dist.errors import FFNError
+from ffn_dist.locks import exclusive
 
 DIGITS_IMBALANCE_FACTOR = 10.0
 DIGITS_TEST_PER_CLASS = 30
 DIGITS_SEED = 0
 SIDE = 32
-
-
-@contextmanager
-def _exclusive(lock_path: Path):
-    """Several ranks may ask for the dataset at once: one writes it, the others wait."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_digits(out_dir: Path) -> dict:
@@ -65,7 +52,7 @@ def ensure_builtin(name: str, out_dir: str | Path) -> bool:
     out_dir = Path(out_dir)
     if name not in BUILTIN_WRITERS:
         raise FFNError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_WRITERS)}")
-    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         if (out_dir / "train.txt").is_file():
             return False
         if out_dir.exists() and any(out_dir.iterdir()):

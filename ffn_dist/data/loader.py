@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -137,12 +138,14 @@ def build_loader(
     device: torch.device | None = None,
     backend: str | None = None,
     order: str | None = None,
+    run_dir: str | Path | None = None,
 ) -> Loader:
     """The loader for rank `rank` of a process group of `size` ranks (`group` for collectives).
 
     train: shuffled (or class-balanced) order, train transform; otherwise the split in order
     with the eval transform. `order` overrides the order (the feature cache reads augmented
-    views sequentially).
+    views sequentially). `run_dir`: where the memory backend stores decoded splits
+    (`run_dir/decoded`; without one it decodes into memory only).
     """
     if data_cfg.on_bad_image == "skip":
         split = exclude_bad_images(split, data_cfg.num_threads, rank, size, group)
@@ -151,8 +154,9 @@ def build_loader(
     spec = TransformSpec.from_config(data_cfg, train)
     device = device or default_device()
     backend = backend or data_cfg.backend
+    args = (split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
     if backend == "dali":
-        cls = _dali_loader_class()
-    else:
-        from ffn_dist.data.torch_loader import TorchLoader as cls
-    return cls(split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
+        return _dali_loader_class()(*args)
+    from ffn_dist.data.torch_loader import TorchLoader
+
+    return TorchLoader(*args)

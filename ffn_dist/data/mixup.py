@@ -14,6 +14,7 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.rand
     if alpha <= 0:
         return images, labels, labels, 1.0
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device)
+    # non_blocking: a synchronous copy to the GPU would wait for the queued kernels every step
+    perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device, non_blocking=True)
     mixed = lam * images + (1.0 - lam) * images[perm]
     return mixed, labels, labels[perm], lam

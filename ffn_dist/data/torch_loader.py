@@ -1,17 +1,40 @@
-"""The torchvision fallback backend: PIL decoding in DataLoader workers, same transforms."""
+"""The torchvision fallback backend: PIL decoding in DataLoader worker processes, same transforms.
+
+Worker processes start once per process and then serve every torch loader with the same
+worker count: a loader hands them self-contained batch requests (files, labels, epoch, seed,
+transform), so a new epoch, a new split or a new transform (the evaluation after a training
+epoch, the cache's passes over views and splits) reuses the running workers. Starting them
+costs seconds (a fresh interpreter importing torch per worker); paid per epoch or per cache
+pass it once dominated short jobs on a GPU.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ffn_dist.data.loader import Batch, Loader, bad_image_error
-from ffn_dist.data.transforms import torchvision_transform
+from ffn_dist.data.transforms import TransformSpec, torchvision_transform
 
 
-class _SplitDataset(Dataset):
-    """Maps (epoch, index) to (image, label, index).
+@dataclass(frozen=True)
+class _BatchRequest:
+    """Everything a worker needs to produce one batch, and nothing it must remember."""
+
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    indices: np.ndarray  # positions in the split
+    epoch: int
+    seed: int
+    spec: TransformSpec
+
+
+class _Decoder(Dataset):
+    """Worker side: decodes and augments a requested batch.
 
     The augmentation of a sample is seeded from (seed, epoch, index), so it does not depend
     on the number of workers or on where a resumed run restarted. An unreadable image comes
@@ -19,58 +42,81 @@ class _SplitDataset(Dataset):
     a worker would arrive wrapped in the worker's traceback).
     """
 
-    def __init__(self, split, transform, image_size, seed):
-        self.split, self.transform, self.seed = split, transform, seed
-        self.placeholder = torch.zeros(3, image_size, image_size)
+    def __init__(self):
+        self.transforms = {}
 
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        try:
-            with Image.open(self.split.image_path(index)) as image:
-                image = image.convert("RGB")
-        except OSError:
-            return self.placeholder, -1, -1 - index
-        # fork_rng: with 0 workers this runs in the training process, whose RNG stays its own
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
-            return self.transform(image), int(self.split.labels[index]), index
-
-
-class _EpochSampler(Sampler):
-    def __init__(self, loader: TorchLoader):
-        self.loader = loader
-
-    def __len__(self):
-        return len(self.loader.epoch_indices(self.loader.epoch))
-
-    def __iter__(self):
-        epoch = self.loader.epoch
-        return ((epoch, index) for index in self.loader.epoch_indices(epoch).tolist())
+    def __getitem__(self, request: _BatchRequest):
+        transform = self.transforms.get(request.spec)
+        if transform is None:
+            transform = self.transforms[request.spec] = torchvision_transform(request.spec)
+        size = request.spec.image_size
+        images, indices = torch.zeros(len(request.paths), 3, size, size), request.indices.copy()
+        for i, (path, index) in enumerate(zip(request.paths, request.indices, strict=True)):
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+            except OSError:
+                indices[i] = -1 - index
+                continue
+            # fork_rng: with 0 workers this runs in the training process, whose RNG stays its own
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((request.seed, request.epoch, int(index))) % 2**63)
+                images[i] = transform(image)
+        return images, torch.from_numpy(request.labels), torch.from_numpy(indices)
 
 
-class TorchLoader(Loader):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Workers decode; 0 threads would decode in the training process itself. Workers
-        # come from a forkserver: forking a process that already runs DALI, NCCL or OpenMP
-        # threads can deadlock the child.
+class _WorkerPool(Sampler):
+    """One persistent DataLoader whose requests come from the loader being iterated."""
+
+    def __init__(self, workers: int, pin_memory: bool):
+        self.serving, self.generation = None, 0
+        # Workers come from a forkserver: forking a process that already runs DALI, NCCL or
+        # OpenMP threads can deadlock the child.
         self.dataloader = DataLoader(
-            _SplitDataset(
-                self.split, torchvision_transform(self.spec), self.spec.image_size, self.sampler.seed
-            ),
-            batch_size=self.batch_size,
-            sampler=_EpochSampler(self),
-            num_workers=self.num_threads,
-            persistent_workers=self.num_threads > 0,
-            multiprocessing_context="forkserver" if self.num_threads > 0 else None,
-            pin_memory=self.device.type == "cuda",
+            _Decoder(),
+            batch_size=None,  # a request is a whole batch
+            sampler=self,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            multiprocessing_context="forkserver" if workers > 0 else None,
+            pin_memory=pin_memory,
         )
 
     def __iter__(self):
-        for images, labels, indices in self.dataloader:
+        return self.serving.requests()
+
+    def __len__(self):
+        return len(self.serving)
+
+
+_POOLS: dict[tuple[int, bool], _WorkerPool] = {}
+
+
+def worker_pool(workers: int, pin_memory: bool) -> _WorkerPool:
+    key = (workers, pin_memory)
+    if key not in _POOLS:
+        _POOLS[key] = _WorkerPool(workers, pin_memory)
+    return _POOLS[key]
+
+
+class TorchLoader(Loader):
+    def requests(self):
+        epoch = self.epoch
+        order = self.epoch_indices(epoch)
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            paths = tuple(str(self.split.image_path(i)) for i in chosen)
+            labels = self.split.labels[chosen]
+            yield _BatchRequest(paths, labels, chosen, epoch, self.sampler.seed, self.spec)
+
+    def __iter__(self):
+        # Pinned batches on CUDA, so the copies below overlap with the GPU's work.
+        pool = worker_pool(self.num_threads, pin_memory=self.device.type == "cuda")
+        pool.generation += 1
+        pool.serving, generation = self, pool.generation
+        for images, labels, indices in pool.dataloader:
+            if pool.generation != generation:
+                raise RuntimeError("two torch loaders were iterated at once: they share one worker pool")
             if (indices < 0).any():
                 bad = -1 - int(indices[indices < 0][0])
                 raise bad_image_error(self.split, bad)

@@ -47,13 +47,21 @@ class TransformSpec:
         return self.train and self.train_crop == "pad_crop"
 
 
+def eval_geometry(spec: TransformSpec):
+    """Shorter side to `resize_size`, centre crop `image_size`: PIL image in, PIL image out.
+    The eval transform, and where `pad_crop` starts (the memory backend stores its output)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(spec.resize_size), T.CenterCrop(spec.image_size)])
+
+
 def torchvision_transform(spec: TransformSpec):
     from torchvision import transforms as T
 
     if spec.random_resized_crop:
         steps = [T.RandomResizedCrop(spec.image_size, scale=RRC_SCALE, ratio=RRC_RATIO)]
     else:
-        steps = [T.Resize(spec.resize_size), T.CenterCrop(spec.image_size)]
+        steps = [eval_geometry(spec)]
         if spec.pad_crop:
             steps.append(T.RandomCrop(spec.image_size, padding=PAD))
     if spec.train:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffn_dist.errors import FFNError
+from ffn_dist.models.precision import without_autocast
 
 
 class LinearHead(nn.Linear):
@@ -51,7 +52,7 @@ class CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.input_dtype = features.dtype
-        with torch.autocast(features.device.type, enabled=False):
+        with without_autocast(features.device.type):
             features = features.to(weight.dtype)
             cosine, norms = cosine_and_norms(features, weight)
         ctx.save_for_backward(features, weight, norms, cosine)
@@ -60,7 +61,7 @@ class CosineLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_cosine: torch.Tensor):
         features, weight, norms, cosine = ctx.saved_tensors
-        with torch.autocast(grad_cosine.device.type, enabled=False):
+        with without_autocast(grad_cosine.device.type):
             scaled, radial = weight_gradient_terms(grad_cosine.to(weight.dtype), cosine, norms)
             grad_weight = weight * -radial[:, None]
             grad_weight.addmm_(scaled.t(), features)

@@ -31,3 +31,11 @@ def autocast(device: torch.device, precision: str = "auto"):
     if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def without_autocast(device_type: str):
+    """The tensors' own precision inside an autocast region (where the device has autocast;
+    `meta`, which tests use to check device placement, has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -153,14 +153,20 @@ class BranchTrainer:
         self.dir = branch_dir(cfg, branch.name)
         self.hash = stage1_hash(cfg)
         net = place_model(build_network(cfg, branch.name), world.device)
-        self.loss = build_loss(cfg, branch.name, self.counts).to(world.device)
+        # labels come from the training split, validated when it was read
+        self.loss = build_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
         self.lr = base_lr(cfg, branch.size)
         optimizer = torch.optim.SGD(
             net.parameters(), lr=self.lr, momentum=cfg.stage1.momentum, weight_decay=cfg.stage1.weight_decay
         )
         self.engine = wrap_for_training(cfg, net, optimizer, branch, world)
         loader_args = dict(
-            rank=branch.rank, size=branch.size, seed=cfg.seed, group=branch.group, device=world.device
+            rank=branch.rank,
+            size=branch.size,
+            seed=cfg.seed,
+            group=branch.group,
+            device=world.device,
+            run_dir=cfg.output_dir,
         )
         self.train_loader = build_loader(cfg.data, dataset.train, train=True, **loader_args)
         self.test_loader = build_loader(cfg.data, dataset.test, train=False, **loader_args)
@@ -355,7 +361,7 @@ def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
     previous = stop_on(signal.SIGUSR2)
     reports = {}
     try:
-        for branch in make_branches(world, cfg.dist.kps_ranks):
+        for branch in make_branches(world, cfg.dist):
             if only in (None, branch.name):
                 reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
         dist.barrier()

@@ -180,6 +180,7 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
         order="sequential",
         seed=cfg.seed,
         device=world.device,
+        run_dir=cfg.output_dir,
     )
     loader.set_epoch(view)  # each augmented view draws its own crops
     writer = _PartWriter(directory, parts, cfg, networks["ce"].backbone.embedding_dim)

@@ -185,7 +185,8 @@ class ClassifierTrainer:
         with torch.no_grad():
             head.weight.copy_(self.initial_weight)
         head = head.to(self.device)
-        loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s).to(self.device)
+        # the cache's labels were written from validated splits (the fingerprint holds num_classes)
+        loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s).trusting_labels().to(self.device)
         return head, ClassifierStep(head, loss_fn, s2.momentum, s2.weight_decay)
 
     def train_epoch(self, train_step: ClassifierStep, epoch: int, w1: float, w2: float) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 from ffn_dist.cache.store import read_manifest
 from ffn_dist.checkpoint import list_checkpoints
 from ffn_dist.config import Config
-from ffn_dist.distributed import BRANCHES
+from ffn_dist.distributed import BRANCHES, visible_gpus
 from ffn_dist.errors import FFNError
+from ffn_dist.layout import describe_groups, plan_groups, planned_placements
 from ffn_dist.stages.backbones import branch_dir
 from ffn_dist.stages.cache import cache_dir, open_run_cache
 from ffn_dist.stages.classifier import train_classifier
@@ -65,11 +66,22 @@ def torchrun(cfg: Config, command: str, config_path: str, overrides: list[str], 
         raise FFNError(f"{command} failed; its output is above (run directory {cfg.output_dir})")
 
 
+def stage1_layout(cfg: Config) -> str:
+    """Stage 1's groups on this machine (`dist.nproc` processes, the visible GPUs), checked
+    before anything is written or launched."""
+    gpus = visible_gpus()
+    plans = plan_groups(planned_placements(1, cfg.dist.nproc, gpus), cfg.dist.kps_ranks, cfg.dist.engine)
+    where = f"{gpus} GPU(s)" if gpus else "the CPU"
+    return f"{cfg.dist.nproc} process(es) on {where}: {describe_groups(plans)}"
+
+
 def run_pipeline(cfg: Config, config_path: str, overrides: list[str]) -> dict:
+    layout = stage1_layout(cfg)
     prepare(cfg)
     if stage1_complete(cfg):
         print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped", flush=True)
     else:
+        print(f"stage 1: {layout}", flush=True)
         torchrun(cfg, "train-backbones", config_path, overrides)
     if cache_complete(cfg):
         print(f"cache: complete in {cache_dir(cfg)}, skipped", flush=True)

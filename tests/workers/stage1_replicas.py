@@ -32,7 +32,7 @@ def main(out_dir, *overrides):
     world = init_world()
     dataset = open_dataset(cfg.data)
     result = {}
-    for branch in make_branches(world, cfg.dist.kps_ranks):
+    for branch in make_branches(world, cfg.dist):
         trainer = BranchTrainer(cfg, world, branch, dataset)
         trainer.run()
         result[branch.name] = {

@@ -1,0 +1,109 @@
+"""Where stage-1 ranks run and how each branch's process group communicates.
+
+Pure logic, so that a layout is checked before anything is launched (`ffn run`, `ffn submit`)
+and again, from the real placements, when the processes form their groups.
+
+Ranks are numbered as torchrun and SLURM number them (rank = node x processes per node +
+local rank). A rank uses GPU `local_rank % gpus` of its node, so processes that outnumber the
+GPUs share them. NCCL refuses a communicator with two ranks on one GPU, so a branch's group
+uses NCCL only when its ranks hold distinct GPUs, and gloo otherwise (it reduces CUDA tensors
+through host memory); world-level coordination (barriers, small objects) is always on gloo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ffn_dist.errors import FFNError
+
+BRANCHES = ("ce", "kps")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The host a rank runs on and the CUDA device it uses (None: the CPU)."""
+
+    host: str
+    gpu: int | None
+
+    def __str__(self) -> str:
+        return f"{self.host} cuda:{self.gpu}" if self.gpu is not None else f"{self.host} cpu"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    ranks: tuple[int, ...]
+    backend: str  # "nccl" or "gloo"
+    placements: tuple[Placement, ...]
+
+
+def gpu_for(local_rank: int, gpus: int) -> int | None:
+    """The GPU a process uses: local ranks beyond the GPU count share them, round-robin."""
+    return local_rank % gpus if gpus > 0 else None
+
+
+def planned_placements(nodes: int, procs_per_node: int, gpus_per_node: int) -> list[Placement]:
+    """The placements a launch will produce, before it is launched."""
+    return [
+        Placement(f"node{node}", gpu_for(local, gpus_per_node))
+        for node in range(nodes)
+        for local in range(procs_per_node)
+    ]
+
+
+def branch_ranks(world_size: int, kps_ranks: int | None) -> dict[str, tuple[int, ...]]:
+    """KPS gets the last `kps_ranks` ranks (default half), CE the rest; one process: both."""
+    if world_size == 1:
+        return {"ce": (0,), "kps": (0,)}
+    kps = world_size // 2 if kps_ranks is None else kps_ranks
+    if not 1 <= kps <= world_size - 1:
+        raise FFNError(
+            f"dist.kps_ranks: got {kps_ranks} with {world_size} processes; each branch needs "
+            f"at least one rank, so expected 1..{world_size - 1}"
+        )
+    return {"ce": tuple(range(world_size - kps)), "kps": tuple(range(world_size - kps, world_size))}
+
+
+def group_backend(members: list[Placement]) -> str:
+    """NCCL when every member has its own GPU, gloo otherwise (CPU ranks or a shared GPU)."""
+    if any(p.gpu is None for p in members):
+        return "gloo"
+    return "nccl" if len(set(members)) == len(members) else "gloo"
+
+
+def _sharing(ranks: tuple[int, ...], members: tuple[Placement, ...]) -> str:
+    """'ranks 0 and 2 share node0 cuda:0': the first GPU that two ranks of a group share."""
+    first = {}
+    for rank, place in zip(ranks, members, strict=True):
+        if place in first:
+            return f"ranks {first[place]} and {rank} share {place}"
+        first[place] = rank
+    return ""
+
+
+def plan_groups(placements: list[Placement], kps_ranks: int | None, engine: str) -> dict[str, GroupPlan]:
+    """Each branch's ranks and backend; refuses a layout that cannot work, saying what would."""
+    plans = {}
+    for name, ranks in branch_ranks(len(placements), kps_ranks).items():
+        members = tuple(placements[r] for r in ranks)
+        backend = group_backend(list(members))
+        if engine == "deepspeed" and backend == "gloo" and members[0].gpu is not None:
+            gpus = len({p.gpu for p in placements if p.host == members[0].host})
+            raise FFNError(
+                f"dist.engine=deepspeed: in the {name} group {_sharing(ranks, members)}, and DeepSpeed "
+                "needs one GPU per rank of a group (NCCL); use dist.engine=ddp (its group then "
+                f"communicates over gloo), or at most {gpus} process(es) per node, one per GPU"
+            )
+        plans[name] = GroupPlan(ranks, backend, members)
+    return plans
+
+
+def describe_groups(plans: dict[str, GroupPlan]) -> str:
+    """'CE ranks 0-15 (16, nccl), KPS ranks 16-31 (16, nccl)', and where a group shares GPUs."""
+    parts = []
+    for name, plan in plans.items():
+        ranks = plan.ranks
+        text = f"{name.upper()} ranks {ranks[0]}-{ranks[-1]} ({len(ranks)}, {plan.backend})"
+        shared = _sharing(ranks, plan.placements)
+        parts.append(text + (f": {shared}" if shared else ""))
+    return ", ".join(parts)

@@ -1,0 +1,87 @@
+"""Where ranks run and how their groups communicate: the GPU layout logic, checked on the CPU."""
+
+import pytest
+import torch
+
+from ffn_dist.distributed import rank_device
+from ffn_dist.errors import FFNError
+from ffn_dist.layout import Placement, branch_ranks, gpu_for, group_backend, plan_groups, planned_placements
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+@pytest.mark.parametrize("nproc", range(1, 17))
+def test_any_number_of_processes_on_any_number_of_gpus(gpus, nproc):
+    placements = planned_placements(1, nproc, gpus)
+    assert [p.gpu for p in placements] == [r % gpus for r in range(nproc)]  # shared round-robin
+    plans = plan_groups(placements, None, "ddp")
+    for name, plan in plans.items():
+        members = [placements[r] for r in plan.ranks]
+        distinct = len(set(members)) == len(members)
+        # NCCL exactly where no two ranks of the group hold one GPU, which NCCL would refuse
+        assert plan.backend == ("nccl" if distinct else "gloo"), (name, plan)
+    if nproc == 1:  # one process trains both branches
+        assert plans["ce"].ranks == plans["kps"].ranks == (0,)
+    else:
+        assert sorted(plans["ce"].ranks + plans["kps"].ranks) == list(range(nproc))
+
+
+def test_the_one_gpu_demo_layout_trains_both_branches_side_by_side_on_nccl():
+    plans = plan_groups(planned_placements(1, 2, 1), None, "ddp")
+    assert plans["ce"].ranks == (0,) and plans["kps"].ranks == (1,)
+    assert plans["ce"].placements == plans["kps"].placements == (Placement("node0", 0),)
+    assert plans["ce"].backend == plans["kps"].backend == "nccl"  # one rank per communicator
+
+
+@pytest.mark.parametrize(
+    "nproc, gpus, kps, backends",
+    [
+        (4, 1, None, ("gloo", "gloo")),
+        (4, 2, None, ("nccl", "nccl")),
+        (3, 2, None, ("nccl", "nccl")),  # ranks on GPUs 0 | 1, 0
+        (10, 4, 4, ("gloo", "nccl")),  # CE: 6 ranks on 4 GPUs; KPS: ranks 6-9 on GPUs 2, 3, 0, 1
+    ],
+)
+def test_groups_on_shared_gpus_fall_back_to_gloo(nproc, gpus, kps, backends):
+    plans = plan_groups(planned_placements(1, nproc, gpus), kps, "ddp")
+    assert (plans["ce"].backend, plans["kps"].backend) == backends
+
+
+def test_several_nodes():
+    # 4 nodes x 8 GPUs, one process per GPU: each branch owns two whole nodes, all NCCL
+    placements = planned_placements(4, 8, 8)
+    plans = plan_groups(placements, None, "deepspeed")
+    assert {p.host for p in plans["ce"].placements} == {"node0", "node1"}
+    assert {p.host for p in plans["kps"].placements} == {"node2", "node3"}
+    assert plans["ce"].backend == plans["kps"].backend == "nccl"
+    # the same GPU index on two nodes is two GPUs
+    assert group_backend([Placement("node0", 0), Placement("node1", 0)]) == "nccl"
+    # 2 nodes x 1 GPU x 2 processes: each group's two ranks share one node's GPU
+    plans = plan_groups(planned_placements(2, 2, 1), None, "ddp")
+    assert plans["ce"].placements == (Placement("node0", 0),) * 2 and plans["ce"].backend == "gloo"
+    # unless the groups are cut across the nodes: KPS takes rank 3 only
+    plans = plan_groups(planned_placements(2, 2, 1), 1, "ddp")
+    assert plans["ce"].backend == "gloo" and plans["kps"].backend == "nccl"
+
+
+def test_cpu_ranks_are_on_gloo():
+    plans = plan_groups(planned_placements(2, 3, 0), None, "deepspeed")
+    assert all(p.gpu is None for p in plans["ce"].placements)
+    assert plans["ce"].backend == plans["kps"].backend == "gloo"
+
+
+def test_a_layout_that_cannot_work_is_refused_saying_why_and_what_would():
+    with pytest.raises(FFNError) as info:
+        plan_groups(planned_placements(1, 4, 1), None, "deepspeed")
+    message = str(info.value)
+    assert "dist.engine=deepspeed: in the ce group ranks 0 and 1 share node0 cuda:0" in message
+    assert "use dist.engine=ddp" in message and "at most 1 process(es) per node" in message
+    plan_groups(planned_placements(1, 2, 1), None, "deepspeed")  # one rank per group: fine
+    with pytest.raises(FFNError, match=r"dist.kps_ranks: got 4 with 4 processes.*expected 1..3"):
+        branch_ranks(4, 4)
+
+
+def test_each_process_takes_its_gpu_round_robin():
+    assert [gpu_for(r, 2) for r in range(5)] == [0, 1, 0, 1, 0]
+    assert gpu_for(3, 0) is None
+    assert rank_device(3, 2) == torch.device("cuda", 1)
+    assert rank_device(3, 0) == torch.device("cpu")

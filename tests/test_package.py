@@ -1,0 +1,61 @@
+"""ffn-dist installs as a package, not only as a checkout: a wheel built from the repository
+carries the configs and the SLURM helper script, under the project's own namespace."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import REPO
+from tests.test_run import SHORT
+
+
+def test_the_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, REPO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("ffn_dist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for shipped in ("demo", "cifar10_lt_r32", "cifar100_lt_r32", "imagenet_lt_r50"):
+        assert f"ffn_dist/configs/{shipped}.yaml" in names
+    assert {"ffn_dist/launchers/slurm.py", "ffn_dist/launchers/local_slurm.sh"} <= names
+    assert not [n for n in names if n.split("/")[0] in ("launchers", "configs")]  # no generic top level
+
+    # installed without its dependencies into a fresh target, beside the installed ones
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", site, wheel],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    where = subprocess.run(
+        [sys.executable, "-c", "import ffn_dist.launchers.slurm as s; print(s.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=empty,
+        env=env,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ffn_dist.cli", "run", "demo", *SHORT],
+        capture_output=True,
+        text=True,
+        cwd=empty,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((empty / "runs" / "demo" / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert (empty / "data" / "demo" / "train.txt").is_file()  # the built-in data, written here
