@@ -47,7 +47,11 @@ def cmd_cache_features(args) -> int:
 
 def cmd_train_classifier(args) -> int:
     from ffn_dist.stages.classifier import parse_sweep, train_classifier
+    from ffn_dist.stages.methods import parse_methods, train_methods
 
+    if args.methods:
+        train_methods(_config(args), parse_methods(args.methods), args.select)
+        return 0
     sweep = parse_sweep(args.sweep) if args.sweep else None
     train_classifier(_config(args), sweep)
     return 0
@@ -119,13 +123,20 @@ def cmd_splits_make_lt(args) -> int:
         args.imbalance_factor,
         args.seed,
         args.test_per_class,
+        args.val_per_class,
     )
     counts = result["train_counts"]
+    val = f", val.txt ({result['val_size']} images)" if result["val_size"] else ""
     print(
         f"wrote {args.out}/train.txt ({sum(counts)} images, {len(counts)} classes, "
-        f"{max(counts)}..{min(counts)} per class) and test.txt ({result['test_size']} images)"
+        f"{max(counts)}..{min(counts)} per class), test.txt ({result['test_size']} images){val}"
     )
     print("train counts per class:", " ".join(map(str, counts)))
+    for name, moved in result["val_from_train"].items():
+        print(
+            f"val.txt: {moved} of class {name}'s images come from its training images (the long tail "
+            "uses its whole pool), so its training count is that much below the profile's"
+        )
     return 0
 
 
@@ -272,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument(
         "--sweep", default=None, metavar="w1=START:STOP:STEP", help="one classifier per fusion weight"
     )
+    classifier.add_argument(
+        "--methods",
+        default=None,
+        metavar="all|M1,M2",
+        help="compare classifier methods on every feature source: ffn, joint, erm, crt, lws, tau_norm, "
+        "ncm, logit_adjustment",
+    )
+    classifier.add_argument(
+        "--select",
+        choices=["auto", "val", "defaults"],
+        default="auto",
+        help="where --methods chooses tau and w1: val (auto: if the run has it) or the published defaults",
+    )
     classifier.set_defaults(func=cmd_train_classifier)
 
     evaluate = sub.add_parser("evaluate", help="CE, KPS and FFN test accuracy: JSON, Markdown, plots")
@@ -321,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="hold out this many test images per class (no train/ test/ folders)",
+    )
+    make.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="also a balanced val.txt: this many per class from the training images the long tail left out",
     )
     make.set_defaults(func=cmd_splits_make_lt)
 
@@ -432,12 +462,18 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from ffn_dist.stopping import Terminated, terminate_on
+
     args = parse(argv)
+    terminate_on()  # SIGTERM / SIGINT: clean up (holds, child processes), then exit 128 + signal
     try:
         return args.func(args)
     except FFNError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
+    except Terminated as stop:
+        print(f"stopped by {stop}; rerun the same command to resume", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import math
 import re
 import types
@@ -44,7 +43,11 @@ class DataConfig:
     val_split: str | None = opt(None, doc="optional validation split file")
     test_split: str = opt("test.txt", doc="split file the reports are computed on")
     num_classes: int = opt(10, ge=1)
-    backend: str = opt("dali", choices=["dali", "torch"], doc="loader backend")
+    backend: str = opt(
+        "dali",
+        choices=["dali", "torch", "memory"],
+        doc="dali (GPU decoding), torch (PIL workers), memory (decoded once, held on the device)",
+    )
     train_crop: str = opt(
         "pad_crop",
         choices=["pad_crop", "random_resized_crop"],
@@ -60,6 +63,9 @@ class DataConfig:
     on_bad_image: str = opt(
         "error", choices=["error", "skip"], doc="skip: exclude unreadable images up front"
     )
+    memory_limit_gb: float = opt(
+        4.0, gt=0.0, doc="memory backend: the most a split's decoded pixels may take (also <= half the free)"
+    )
 
     def validate(self, prefix: str) -> None:
         for name in ("mean", "std"):
@@ -67,6 +73,11 @@ class DataConfig:
                 raise ConfigError(f"{prefix}{name}: expected 3 values (RGB), got {getattr(self, name)}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"{prefix}std: every value must be > 0, got {self.std}")
+        if self.backend == "memory" and self.train_crop != "pad_crop":
+            raise ConfigError(
+                f"{prefix}backend: memory supports {prefix}train_crop=pad_crop (CIFAR-sized images), "
+                f"got {self.train_crop}; use dali or torch for {self.train_crop}"
+            )
         if self.resize_size < self.image_size:
             raise ConfigError(
                 f"{prefix}resize_size: must be >= image_size ({self.image_size}), got {self.resize_size}"
@@ -127,6 +138,11 @@ class Stage2Config:
     w2: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the CE branch")
     ldam_max_m: float = opt(0.5, ge=0.0)
     ldam_s: float = opt(30.0, gt=0.0)
+    device: str = opt(
+        "auto",
+        choices=["auto", "cpu", "cuda"],
+        doc="auto: a GPU for classifiers of 65,536+ weights (ImageNet-LT), the CPU for small ones (CIFAR)",
+    )
 
     def validate(self, prefix: str) -> None:
         if not math.isclose(self.w1 + self.w2, 1.0, abs_tol=1e-6):
@@ -346,16 +362,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
-    """Hash of the resolved config, or of the named top-level `sections` only (so that, say,
-    stage 1's checkpoints stay valid when a stage-2 setting changes)."""
-    values = config_to_dict(cfg)
-    if sections is not None:
-        values = {name: values[name] for name in sections}
-    text = yaml.safe_dump(values, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

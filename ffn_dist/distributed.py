@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ffn_dist.errors import FFNError
 from ffn_dist.layout import BRANCHES, Placement, gpu_for, plan_groups
 
 
@@ -115,6 +116,23 @@ def make_branches(world: World, dist_cfg) -> list[Branch]:
         for name in BRANCHES
         if world.rank in plans[name].ranks
     ]
+
+
+def rank0_decides(world: World, decide):
+    """Run `decide()` on rank 0 and give every rank its result, or raise its user-facing
+    error (the same exception) on every rank, so that no rank goes on alone or hangs."""
+    box = [None]
+    if world.rank == 0:
+        try:
+            box[0] = ("ok", decide())
+        except FFNError as exc:
+            box[0] = ("error", exc)
+    if world.size > 1:
+        dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
 
 
 def average_buffers(module: torch.nn.Module, branch: Branch) -> None:

@@ -1,20 +1,41 @@
-"""A cooperative stop: a signal handler only raises a flag; training loops check it at step
-boundaries, agree on it within their process group, checkpoint, and stop.
+"""Stopping on a signal.
 
-This is how stage 1 honours SLURM's pre-emption / time-limit warning (USR2): saving from
-inside a signal handler would race the collectives a sharded checkpoint needs.
+Stage 1 stops cooperatively: a signal (SLURM's pre-emption warning USR2, or SIGTERM) only
+raises a flag; the training loops check it at step boundaries, agree on it within their
+process group, checkpoint, and stop. Saving from inside a signal handler would race the
+collectives a sharded checkpoint needs. Every other command turns SIGTERM and SIGINT into
+`Terminated` in its main thread, so that its cleanup (the run directory's hold, child
+processes) runs before it exits with 128 + the signal number.
+
+Processes a command starts (torchrun and its workers) run in their own process group and
+die with it: a signal to the command is passed on to the whole group, which has GRACE_S
+seconds to stop before it is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import subprocess
 import threading
+
+GRACE_S = 30.0
+PR_SET_PDEATHSIG = 1
 
 _requested = threading.Event()
 
 
 class StopRequested(Exception):
     """Raised once a stage has checkpointed after a stop request."""
+
+
+class Terminated(Exception):
+    """The process was asked to stop by `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def request_stop(signum=None, frame=None) -> None:
@@ -28,3 +49,45 @@ def stop_requested() -> bool:
 def stop_on(signum: int):
     """Route `signum` to `request_stop`; returns the handler it replaces."""
     return signal.signal(signum, request_stop)
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def terminate_on(signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """Raise Terminated in the main thread when one of `signals` arrives."""
+    for signum in signals:
+        signal.signal(signum, _terminate)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # Linux: SIGTERM when this process dies, even by SIGKILL
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(child.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run_group(command: list[str]) -> int:
+    """Run `command` as its own process group and return its exit status. If this process
+    is stopped meanwhile (Terminated), the group gets SIGTERM (stage 1 then checkpoints),
+    GRACE_S seconds, then SIGKILL; nothing of it outlives this call."""
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    try:
+        return child.wait()
+    except Terminated:
+        _signal_group(child, signal.SIGTERM)
+        try:
+            child.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            print(f"stopping: the job's processes did not end within {GRACE_S:g} s; killing them", flush=True)
+        raise
+    finally:
+        _signal_group(child, signal.SIGKILL)  # workers left behind by a dead agent, if any
+        child.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shlex
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 from ffn_dist.config import Config, load_config, resolve_config_path
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
+from ffn_dist.rundir import TOKEN_ENV, command_line, end_hold, take_hold
 
 STAGES = ("stage1", "cache", "classifier")
 COMMANDS = {
@@ -59,11 +61,13 @@ class StageJob:
     stage: str
     config_path: str
     overrides: list[str]
+    hold_token: str  # the chain's hold on the run directory (rundir.py), shared by its jobs
 
     def __call__(self):
         import submitit
 
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ[TOKEN_ENV] = self.hold_token  # a requeued job keeps it too
         cfg = load_config(self.config_path, self.overrides)
         job = submitit.JobEnvironment()
         if dist_env.rank == 0:
@@ -82,7 +86,9 @@ class StageJob:
         from ffn_dist.stages.evaluate import evaluate_run
 
         train_classifier(cfg)
-        return evaluate_run(cfg)["methods"]
+        methods = evaluate_run(cfg)["methods"]
+        end_hold(cfg.output_dir, self.hold_token)  # the chain's last job: the run directory is free
+        return methods
 
     def _stage1(self, cfg: Config, rank: int):
         from ffn_dist.stages.backbones import train_backbones
@@ -266,8 +272,24 @@ def _save_record(cfg: Config, kind: str, records: list[dict]) -> None:
 
 
 def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bool = False) -> list[dict]:
+    """Submit the chain; the run directory is held from before the first job is queued until
+    the last one ends (by this process while it waits, else by the chain's jobs)."""
     cfg = load_config(config_path, overrides)
     stage1_groups(cfg)  # refuse a layout that cannot work before anything is queued
+    hold = take_hold(cfg.output_dir, command_line())
+    try:
+        records = _submit_chain(cfg, config_path, overrides, kind, wait, hold)
+    except BaseException:
+        hold.release()
+        raise
+    if kind == "slurm" and not wait:
+        hold.hand_over()  # the queued chain holds it now; its last job ends the hold
+    else:
+        hold.release()
+    return records
+
+
+def _submit_chain(cfg: Config, config_path, overrides, kind: str, wait: bool, hold) -> list[dict]:
     slurm_dir(cfg).mkdir(parents=True, exist_ok=True)
     (slurm_dir(cfg) / "requeues.json").unlink(missing_ok=True)
     # the jobs may start in another directory; a shipped config's name becomes its file
@@ -275,7 +297,7 @@ def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bo
     records, previous = [], None
     for stage in STAGES:
         executor = _executor(cfg, stage, kind, previous.job_id if previous else None)
-        job = executor.submit(StageJob(stage, config_path, list(overrides)))
+        job = executor.submit(StageJob(stage, config_path, list(overrides), hold.token))
         records.append(_job_record(stage, job))
         _save_record(cfg, kind, records)
         print(f"submitted {stage:<10} job {job.job_id:<8} log {job.paths.stdout}", flush=True)
@@ -288,6 +310,8 @@ def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bo
     report = Path(cfg.output_dir).resolve() / "report" / "report.md"
     print(f"results: {report.parent} (report.md, report.json, plots)", flush=True)
     if kind == "slurm":
+        # the hold lives while any job of the chain is queued or running, wherever it runs
+        hold.update(slurm_jobs=[r["job_id"] for r in records])
         ids = ",".join(r["job_id"] for r in records)
         print(
             f"follow:  ffn status {shlex.join([config_path, *overrides])}   or   squeue -j {ids}", flush=True

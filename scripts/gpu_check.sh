@@ -45,8 +45,6 @@ elif ! "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() 
     exit 2
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-# Without DALI (a bare CUDA image) the demo reads through the torch loader.
-"$python" -c 'import nvidia.dali.plugin.pytorch' 2>/dev/null || demo_args+=(data.backend=torch)
 
 statuses=()
 run_part() {  # run_part NAME SECONDS COMMAND...: status and wall time go into the JSON

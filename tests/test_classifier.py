@@ -150,3 +150,16 @@ def test_the_written_out_step_equals_autograd_and_torch_sgd():
         assert float(step(z, y, lr)) == pytest.approx(expected.item(), rel=1e-12)
         assert torch.allclose(heads[1].weight, heads[0].weight, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(heads[1].weight, initial)  # the steps did move the weight
+
+
+def test_the_classifier_trains_where_it_is_fastest():
+    """auto: the CPU for CIFAR-sized classifiers (launch-bound on a GPU), a GPU for ImageNet-LT's."""
+    from ffn_dist.stages.classifier import classifier_device
+
+    assert classifier_device("auto", 10 * 64, cuda=True) == torch.device("cpu")
+    assert classifier_device("auto", 1000 * 2048, cuda=True).type == "cuda"
+    assert classifier_device("auto", 1000 * 2048, cuda=False) == torch.device("cpu")
+    assert classifier_device("cpu", 1000 * 2048, cuda=True) == torch.device("cpu")
+    assert classifier_device("cuda", 10, cuda=True).type == "cuda"
+    with pytest.raises(FFNError, match="stage2.device=cuda: no CUDA device is visible"):
+        classifier_device("cuda", 10, cuda=False)

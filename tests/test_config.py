@@ -79,7 +79,7 @@ def test_unknown_override_suggests_nearest():
         ("data.batch_size=0", r"data\.batch_size: got 0, expected a value >= 1"),
         ("stage1.lr=0", r"stage1\.lr: got 0.0, expected a value > 0"),
         ("stage1.momentum=1.5", r"stage1\.momentum: got 1.5, expected a value <= 1"),
-        ("data.backend=pil", r"data\.backend: got 'pil', allowed values: dali, torch"),
+        ("data.backend=pil", r"data\.backend: got 'pil', allowed values: dali, torch, memory"),
         ("model.arch=vgg", r"model\.arch: got 'vgg', allowed values: resnet32, resnet50"),
         ("data.mean=[0.5]", r"data\.mean: expected 3 values"),
         ("data.mean=fast", r"data\.mean: expected list of float"),

@@ -6,6 +6,7 @@ its backbones on the CPU while the batch went to the GPU). No values are compute
 """
 
 import numpy as np
+import pytest
 import torch
 
 from ffn_dist.bench import stage2
@@ -18,8 +19,9 @@ from tests.conftest import CONFIG, tiny_overrides
 META = torch.device("meta")
 
 
-def test_a_stage1_step_keeps_every_tensor_on_the_models_device(world, tiny_root, tmp_path):
-    cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / "run", "data.backend=torch"))
+@pytest.mark.parametrize("backend", ["torch", "memory"])
+def test_a_stage1_step_keeps_every_tensor_on_the_models_device(world, tiny_root, tmp_path, backend):
+    cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / "run", f"data.backend={backend}"))
     dataset = open_dataset(cfg.data)
     on_meta = World(world.rank, world.size, world.local_rank, META)
     for branch in make_branches(world, cfg.dist):

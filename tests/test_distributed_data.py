@@ -15,7 +15,7 @@ def read_reports(out):
     return {name: json.loads(Path(f"{out}.{name}").read_text()) for name in ("a", "b")}
 
 
-@pytest.mark.parametrize("nproc, backend", [(2, "dali"), (4, "dali"), (4, "torch")])
+@pytest.mark.parametrize("nproc, backend", [(2, "dali"), (4, "dali"), (4, "torch"), (4, "memory")])
 def test_each_group_covers_each_split_exactly_once_per_epoch(demo_root, tmp_path, nproc, backend):
     out = tmp_path / "coverage.json"
     run_torchrun(nproc, WORKER, demo_root, out, backend, "error")

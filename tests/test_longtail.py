@@ -57,6 +57,34 @@ def test_make_lt_on_cifar10_layout_gives_exact_counts(tmp_path):
     assert (tmp_path / "other" / "train.txt").read_text() != first
 
 
+def test_a_balanced_val_split_from_the_images_the_long_tail_left_out(tmp_path):
+    classes = [f"c{i}" for i in range(4)]
+    fake_image_folder(tmp_path / "img" / "train", 100, classes)
+    fake_image_folder(tmp_path / "img" / "test", 20, classes)
+    make_lt(tmp_path / "img", tmp_path / "plain", "exp", 10, seed=1)
+    result = run_ffn(
+        "splits",
+        "make-lt",
+        *("--image-root", tmp_path / "img", "--out", tmp_path / "lt", "--profile", "exp"),
+        *("--imbalance-factor", "10", "--seed", "1", "--val-per-class", "30"),
+    )
+    assert result.returncode == 0 and "val.txt (120 images)" in result.stdout, result.stderr
+    # the head class's whole pool (100) is in the long tail: its 30 come out of its training share
+    assert "val.txt: 30 of class c0's images come from its training images" in result.stdout
+    train = read_split(tmp_path / "lt" / "train.txt", tmp_path / "img", 4, is_train=True)
+    plain = read_split(tmp_path / "plain" / "train.txt", tmp_path / "img", 4, is_train=True)
+    val = read_split(tmp_path / "lt" / "val.txt", tmp_path / "img", 4)
+    assert val.class_counts().tolist() == [30] * 4
+    assert train.class_counts().tolist() == [70, *plain.class_counts().tolist()[1:]]
+    assert not set(val.files) & set(train.files) and all(f.startswith("train/") for f in val.files)
+    assert set(train.files) <= set(plain.files)  # the other classes' training images unchanged
+    assert (tmp_path / "lt" / "test.txt").read_text() == (tmp_path / "plain" / "test.txt").read_text()
+    make_lt(tmp_path / "img", tmp_path / "again", "exp", 10, seed=1, val_per_class=30)
+    assert (tmp_path / "again" / "val.txt").read_text() == (tmp_path / "lt" / "val.txt").read_text()
+    with pytest.raises(SplitError, match="class c0: 100 images, too few for --val-per-class 100"):
+        make_lt(tmp_path / "img", tmp_path / "none", "exp", 1, seed=1, val_per_class=100)
+
+
 def test_pareto_profile_is_reproducible_unsorted_and_bounded():
     counts = pareto_profile(1000, 1280, 256, seed=0)
     assert counts == pareto_profile(1000, 1280, 256, seed=0)

@@ -53,6 +53,6 @@ def test_run_refuses_bad_config_with_one_line_and_writes_nothing(tmp_path):
         f"error: {config}: data.batch_sise: unknown key (did you mean 'data.batch_size'?); "
         "valid keys here: root, builtin, train_split, val_split, test_split, num_classes, backend, "
         "train_crop, image_size, resize_size, color_jitter, mean, std, batch_size, num_threads, "
-        "on_bad_image"
+        "on_bad_image, memory_limit_gb"
     )
     assert not (tmp_path / "runs").exists()

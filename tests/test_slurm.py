@@ -90,7 +90,12 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
     while not all((out / "stage1" / b / "epoch_0001.pt").exists() for b in ("ce", "kps")):
         assert time.time() < deadline and chain.poll() is None, "stage 1 never checkpointed"
         time.sleep(0.2)
-    job_id = json.loads((out / "slurm" / "submission.json").read_text())["jobs"][0]["job_id"]
+    job_ids = [r["job_id"] for r in json.loads((out / "slurm" / "submission.json").read_text())["jobs"]]
+    job_id = job_ids[0]
+    # the chain holds the run directory while any of its jobs is queued or running
+    assert json.loads((out / ".hold.json").read_text())["slurm_jobs"] == job_ids
+    second = submit(slurm_env, CONFIG, *args)
+    assert second.returncode == 1 and f"{out}: in use by `ffn submit" in second.stderr, second.stderr
     # How SLURM pre-empts: SIGTERM, then the USR2 warning (submitit's own test helper does this).
     for sig in ("SIGTERM", "USR2"):
         subprocess.run(["scancel", job_id, "--signal", sig], check=True, env=slurm_env)
@@ -106,6 +111,9 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
             f"step {int(step) + 1}" in logs
         )
     assert "stage1: requeue 1/5" in logs
+    every_log = "".join(p.read_text() for p in (out / "slurm").rglob("*_log.*"))
+    assert "taking over" not in every_log  # the requeued job took back its own hold
+    assert not (out / ".hold.json").exists()  # the chain's last job ended it
     for branch in ("ce", "kps"):
         assert (out / "stage1" / branch / "epoch_0010.pt").is_file()
         assert not (out / "stage1" / branch / "interrupted.pt").exists()  # superseded

@@ -27,10 +27,11 @@ def final_weights(out, branch, epoch):
     return state["model"]
 
 
-def test_one_process_trains_both_branches_and_resume_equals_uninterrupted(tiny_root, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "memory"])  # augmentations: functions of (seed, epoch, sample)
+def test_one_process_trains_both_branches_and_resume_equals_uninterrupted(tiny_root, tmp_path, backend):
     out = tmp_path / "run"
     args = tiny_overrides(
-        tiny_root, out, "data.backend=torch", "stage1.epochs=3", "stage1.keep_checkpoints=5"
+        tiny_root, out, f"data.backend={backend}", "stage1.epochs=3", "stage1.keep_checkpoints=5"
     )
     result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,23 +67,43 @@ def test_one_branch_alone_trains_exactly_as_beside_the_other(tiny_root, tmp_path
     assert report(runs["kps"], "kps")["test"] == report(runs["both"], "kps")["test"]
 
 
-def test_checkpoint_of_another_config_is_refused(tiny_root, tmp_path):
+def run_files(out):
+    """Every file of a run and when it was written (the hold's own files aside)."""
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith(".hold")}
+
+
+def test_a_run_of_another_config_is_refused_before_anything_trains(tiny_root, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_root, out, "stage1.epochs=1")
     assert run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args).returncode == 0
+    before = run_files(out)
+    result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args, "stage1.lr=0.05")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (
+        "its stage-1 checkpoints come from another config: stage1.lr: 0.1 in the run, 0.05 now"
+        in result.stderr
+    )
+    assert run_files(out) == before  # nothing written, for either branch: not even config.yaml
+    # a run without its recorded config: each branch's checkpoint still refuses another config
+    (out / "config.yaml").unlink()
     result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args, "stage1.lr=0.05")
     assert result.returncode == 2
     assert "written by a different config" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("nproc, kps_ranks", [(1, "null"), (2, "null"), (4, "null"), (4, "3")])
-def test_groups_are_data_parallel_only_inside_themselves(tiny_root, tmp_path, nproc, kps_ranks):
+@pytest.mark.parametrize(
+    "nproc, kps_ranks, backend",
+    [(1, "null", "memory"), (2, "null", "dali"), (4, "null", "memory"), (4, "3", "torch")],
+)
+def test_groups_are_data_parallel_only_inside_themselves(tiny_root, tmp_path, nproc, kps_ranks, backend):
     out = tmp_path / "run"
     run_torchrun(
         nproc,
         WORKER,
         tmp_path,
-        *tiny_overrides(tiny_root, out, "stage1.epochs=1", f"dist.kps_ranks={kps_ranks}"),
+        *tiny_overrides(
+            tiny_root, out, "stage1.epochs=1", f"dist.kps_ranks={kps_ranks}", f"data.backend={backend}"
+        ),
         timeout=600,
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]

@@ -106,7 +106,7 @@ def _cache(work: Path, images: int, batch_size: int) -> dict:
 
 
 def _stage2(work: Path, rows: int, steps: int, rounds: int) -> dict:
-    cfg = load_config("demo", [f"data.root={work}/demo", "data.backend=torch"])
+    cfg = load_config("demo", [f"data.root={work}/demo", f"output_dir={work}/stage2_run"])
     return bench_stage2(cfg, rows, 2048, 1000, rounds, steps, str(work))
 
 

@@ -102,16 +102,14 @@ def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device
     return run
 
 
-def _backbone_epoch_runner(cfg: Config, timed_steps: int):
+def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = None):
     """Seconds per epoch of the authors' stage 2, from `timed_steps` timed steps: both frozen
     backbones on an augmented, class-balanced batch, then the same classifier step, all on
     the device the classifier trains on."""
     device = default_device()
     dataset = open_dataset(cfg.data)
     networks = {b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in BRANCHES}
-    loader = build_loader(
-        cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=cfg.output_dir
-    )
+    loader = build_loader(cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=scratch)
     s2 = cfg.stage2
     head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes).to(device)
     loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s).trusting_labels().to(device)
@@ -153,7 +151,7 @@ def bench_stage2(
             large_runs = interleaved_runs({"cache epoch": big_epoch, "matrix products": bound}, rounds)
             large = medians(large_runs)
 
-        backbones, images = _backbone_epoch_runner(cfg, backbone_steps)
+        backbones, images = _backbone_epoch_runner(cfg, backbone_steps, tmp)
         embedding_dim = build_network(cfg, "ce").backbone.embedding_dim
         same = write_synthetic_cache(Path(tmp) / "same", images, embedding_dim, cfg.data.num_classes)
         same_epoch, _ = _cache_epoch_runner(cfg, same)

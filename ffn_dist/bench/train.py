@@ -14,6 +14,8 @@ Also recorded: whether a step synchronises with the host (on CUDA, under
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 
 import numpy as np
@@ -103,6 +105,12 @@ def step_profile(step, device: torch.device, steps: int = PROFILED_STEPS, top: i
 
 
 def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ffn-bench-train-") as scratch:
+        # the trainer's TensorBoard files and decoded arrays go to scratch, not the config's run
+        return _bench_train(dataclasses.replace(cfg, output_dir=scratch), steps, rounds)
+
+
+def _bench_train(cfg: Config, steps: int, rounds: int) -> dict:
     world = init_world()
     dataset = open_dataset(cfg.data)
     branch = next(b for b in make_branches(world, cfg.dist) if b.name == "kps")

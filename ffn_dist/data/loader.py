@@ -155,6 +155,11 @@ def build_loader(
     device = device or default_device()
     backend = backend or data_cfg.backend
     args = (split, spec, sampler, data_cfg.batch_size, data_cfg.num_threads, device)
+    if backend == "memory":
+        from ffn_dist.data.memory import MemoryLoader
+
+        decoded = Path(run_dir) / "decoded" if run_dir is not None else None
+        return MemoryLoader(*args, decoded_dir=decoded, memory_limit_gb=data_cfg.memory_limit_gb)
     if backend == "dali":
         return _dali_loader_class()(*args)
     from ffn_dist.data.torch_loader import TorchLoader

@@ -61,12 +61,19 @@ def make_lt(
     imbalance_factor: float,
     seed: int,
     test_per_class: int | None = None,
+    val_per_class: int | None = None,
 ) -> dict:
-    """Write `train.txt` (long-tailed), `test.txt` (balanced) and `classes.txt` into `out_dir`.
+    """Write `train.txt` (long-tailed), `test.txt` (balanced) and `classes.txt` into `out_dir`,
+    and with `val_per_class` a balanced `val.txt` (CIFAR-LT ships no validation split).
 
     With `image_root/train` and `image_root/test` present (the CIFAR layout) they are the
     two pools; otherwise `test_per_class` images of each class are held out for the test
-    split first. Paths are relative to `image_root`. Returns the per-class train counts.
+    split first. Paths are relative to `image_root`. Validation images are the training
+    pool's images the long-tailed split left unused, drawn after the others; a class whose
+    whole pool is in the long tail (the head class of the exp profile: CIFAR-10-LT uses all
+    5,000 of its airplanes) gives the shortfall from its training images, which leave the
+    training split (`val_from_train` says how many). Every other class keeps exactly its
+    profile count. Returns the per-class train counts and the split sizes.
     """
     image_root = Path(image_root)
     if imbalance_factor < 1:
@@ -107,15 +114,42 @@ def make_lt(
     else:
         raise SplitError(f"--profile: got {profile!r}, allowed values: exp, pareto")
 
-    train = []
-    for label, (files, count) in enumerate(zip(train_pool, counts, strict=True)):
-        chosen = sorted(rng.choice(len(files), count, replace=False))
-        train += [(files[i], label) for i in chosen]
+    chosen = [
+        sorted(rng.choice(len(files), count, replace=False))
+        for files, count in zip(train_pool, counts, strict=True)
+    ]
     test = [(f, label) for label, files in enumerate(test_pool) for f in files]
+    val, shortfalls = [], {}
+    if val_per_class:
+        for label, files in enumerate(train_pool):
+            left = sorted(set(range(len(files))) - set(chosen[label]))
+            picked = list(rng.choice(left, min(val_per_class, len(left)), replace=False))
+            short = val_per_class - len(picked)
+            if short:  # the class's whole pool is in the long tail (CIFAR-10-LT's head class)
+                if short >= len(chosen[label]):
+                    raise SplitError(
+                        f"class {classes[label]}: {len(files)} images, too few for --val-per-class "
+                        f"{val_per_class} and its {len(chosen[label])} training images"
+                    )
+                moved = set(rng.choice(chosen[label], short, replace=False).tolist())
+                chosen[label] = [i for i in chosen[label] if i not in moved]
+                picked += sorted(moved)
+                shortfalls[classes[label]] = short
+            val += [(files[i], label) for i in sorted(picked)]
+    counts = [len(c) for c in chosen]
+    train = [(files[i], label) for label, files in enumerate(train_pool) for i in chosen[label]]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
     write_split(out_dir / "test.txt", test)
+    if val:
+        write_split(out_dir / "val.txt", val)
     write_split(out_dir / "train.txt", train)  # written last: its presence marks completion
-    return {"classes": classes, "train_counts": counts, "test_size": len(test)}
+    return {
+        "classes": classes,
+        "train_counts": counts,
+        "test_size": len(test),
+        "val_size": len(val),
+        "val_from_train": shortfalls,
+    }

@@ -9,6 +9,7 @@ same output directory resumes each branch from its latest complete checkpoint.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import signal
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from ffn_dist.checkpoint import (
@@ -25,22 +27,32 @@ from ffn_dist.checkpoint import (
     checkpoint_path,
     clear_interrupted,
     interrupted_path,
+    list_checkpoints,
     load_checkpoint,
     load_latest,
     save_checkpoint,
     save_to,
     shard_path,
 )
-from ffn_dist.config import Config, config_hash, save_config
+from ffn_dist.config import Config, config_to_dict, save_config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.mixup import mixup
-from ffn_dist.distributed import BRANCHES, Branch, World, average_buffers, init_world, make_branches
+from ffn_dist.distributed import (
+    BRANCHES,
+    Branch,
+    World,
+    average_buffers,
+    init_world,
+    make_branches,
+    rank0_decides,
+)
 from ffn_dist.engines import wrap_for_training
 from ffn_dist.losses import CELoss, KPSLoss
 from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
 from ffn_dist.models import CosineHead, LinearHead, build_backbone
 from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.rundir import holding
 from ffn_dist.stopping import StopRequested, stop_on, stop_requested
 
 
@@ -90,11 +102,30 @@ def base_lr(cfg: Config, group_size: int) -> float:
 
 
 STAGE1_SECTIONS = ("seed", "data", "model", "stage1", "dist")
+# Settings stage 1's weights do not depend on: its loader's speed knobs, and a split it never reads.
+STAGE1_INDIFFERENT = ("data.val_split", "data.num_threads", "data.memory_limit_gb")
+
+
+def stage1_settings(values: dict) -> dict:
+    """The settings stage 1 trains from, flattened ('stage1.lr'), of a config as a dict."""
+
+    def flat(node, prefix=""):
+        items = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    settings = flat({section: values.get(section) for section in STAGE1_SECTIONS})
+    return {key: value for key, value in settings.items() if key not in STAGE1_INDIFFERENT}
 
 
 def stage1_hash(cfg: Config) -> str:
     """What stage-1 checkpoints are tied to: changing a stage-2 or cache setting keeps them."""
-    return config_hash(cfg, STAGE1_SECTIONS)
+    text = yaml.safe_dump(stage1_settings(config_to_dict(cfg)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def final_checkpoint(cfg: Config, branch: str) -> Path:
@@ -351,26 +382,61 @@ class BranchTrainer:
         tmp.replace(path)
 
 
+def stage1_changes(recorded: dict, cfg: Config) -> list[str]:
+    """'stage1.lr: 0.1 in the run, 0.01 now' for every stage-1 setting that differs."""
+    old, new = stage1_settings(recorded), stage1_settings(config_to_dict(cfg))
+    return [
+        f"{key}: {old.get(key)!r} in the run, {new[key]!r} now" for key in new if old.get(key) != new[key]
+    ]
+
+
+def refuse_other_config(cfg: Config) -> None:
+    """Before anything is trained or written: a run directory whose stage 1 was started
+    from another config is refused, for both branches at once, naming what differs."""
+    recorded = Path(cfg.output_dir) / "config.yaml"
+    started = any(
+        list_checkpoints(branch_dir(cfg, b)) or interrupted_path(branch_dir(cfg, b)).is_file()
+        for b in BRANCHES
+    )
+    if not (started and recorded.is_file()):
+        return
+    changes = stage1_changes(yaml.safe_load(recorded.read_text()) or {}, cfg)
+    if changes:
+        raise ConfigMismatch(
+            f"{cfg.output_dir}: its stage-1 checkpoints come from another config: {'; '.join(changes)}. "
+            f"Use another output_dir, or the config the run was started with ({recorded})"
+        )
+
+
+def start_run(cfg: Config) -> None:
+    """The run directory takes this config: refused if stage 1 ran with another one."""
+    refuse_other_config(cfg)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+
+
 def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
-    """Both branches, or `only` one of them; SIGUSR2 (SLURM's pre-emption warning) makes
-    every group checkpoint mid-epoch and raise StopRequested, and the next run resumes there."""
+    """Both branches, or `only` one of them. SIGUSR2 (SLURM's pre-emption warning) or
+    SIGTERM makes every group checkpoint mid-epoch and raise StopRequested; the next run
+    resumes there."""
     world = init_world()
-    if world.rank == 0:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    dataset = open_dataset(cfg.data)
-    previous = stop_on(signal.SIGUSR2)
+    previous = {signum: stop_on(signum) for signum in (signal.SIGUSR2, signal.SIGTERM)}
     reports = {}
     try:
-        for branch in make_branches(world, cfg.dist):
-            if only in (None, branch.name):
-                reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
-        dist.barrier()
-    except StopRequested:
-        # Matches the other ranks' barrier (stopped or finished): when it returns every
-        # rank has checkpointed, so the caller may requeue the job.
-        dist.barrier()
-        raise
+        with holding(cfg.output_dir, world):
+            rank0_decides(world, lambda: start_run(cfg))
+            dataset = open_dataset(cfg.data)
+            try:
+                for branch in make_branches(world, cfg.dist):
+                    if only in (None, branch.name):
+                        reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
+                dist.barrier()
+            except StopRequested:
+                # Matches the other ranks' barrier (stopped or finished): when it returns every
+                # rank has checkpointed, so the caller may requeue the job.
+                dist.barrier()
+                raise
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         dist.destroy_process_group()
     return reports

@@ -29,11 +29,12 @@ from ffn_dist.config import Config, config_to_dict
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split
-from ffn_dist.distributed import BRANCHES, World, init_world
+from ffn_dist.distributed import BRANCHES, World, init_world, rank0_decides
 from ffn_dist.errors import FFNError
 from ffn_dist.models import build_backbone
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
+from ffn_dist.rundir import holding
 from ffn_dist.stages.backbones import Network, build_network, final_checkpoint, stage1_hash
 
 STORED_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -199,21 +200,6 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
     return writer.written
 
 
-def _rank0_decides(world: World, decide):
-    """Run `decide()` on rank 0 and give every rank its result, or its error, so no rank hangs."""
-    box = [None]
-    if world.rank == 0:
-        try:
-            box[0] = ("ok", decide())
-        except FFNError as exc:
-            box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise FFNError(value)
-    return value
-
-
 def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: list[Part]) -> list[Part]:
     """Rank 0: check the cache matches (or clear it), list the parts still to write."""
     directory = cache_dir(cfg)
@@ -272,26 +258,31 @@ def cache_features(cfg: Config, rebuild: bool = False) -> Path:
     """Write (or complete) the run's feature cache; returns the manifest's path."""
     world = init_world()
     try:
-        dataset = open_dataset(cfg.data)
-        splits = dataset.splits()
-        parts = plan_parts(splits, cfg)
-        fingerprint = _rank0_decides(world, lambda: cache_fingerprint(cfg))
-        missing = _rank0_decides(world, lambda: _prepare_directory(cfg, fingerprint, rebuild, parts))
-        mine = missing[world.rank :: world.size]
-        written = 0
-        if mine:
-            networks = {b: load_frozen(cfg, b, world.device) for b in BRANCHES}
-            for split_name, view in dict.fromkeys((p.split, p.view) for p in mine):
-                group = [p for p in mine if (p.split, p.view) == (split_name, view)]
-                written += _extract(cfg, world, splits[split_name], view, group, networks, cache_dir(cfg))
-        print(f"[cache rank {world.rank}] wrote {written} shard(s)", flush=True)
-        dist.barrier()
-        dims = build_backbone(cfg.model.arch).embedding_dim
-        manifest = _rank0_decides(world, lambda: _write_final_manifest(cfg, fingerprint, parts, dims))
-        if world.rank == 0:
-            summary = read_manifest(cache_dir(cfg))
-            rows = ", ".join(f"{name} {entry['rows']} rows" for name, entry in summary["splits"].items())
-            print(f"cache: complete, {manifest} ({rows})", flush=True)
-        return manifest
+        with holding(cfg.output_dir, world):
+            return _cache_features(cfg, world, rebuild)
     finally:
         dist.destroy_process_group()
+
+
+def _cache_features(cfg: Config, world: World, rebuild: bool) -> Path:
+    dataset = open_dataset(cfg.data)
+    splits = dataset.splits()
+    parts = plan_parts(splits, cfg)
+    fingerprint = rank0_decides(world, lambda: cache_fingerprint(cfg))
+    missing = rank0_decides(world, lambda: _prepare_directory(cfg, fingerprint, rebuild, parts))
+    mine = missing[world.rank :: world.size]
+    written = 0
+    if mine:
+        networks = {b: load_frozen(cfg, b, world.device) for b in BRANCHES}
+        for split_name, view in dict.fromkeys((p.split, p.view) for p in mine):
+            group = [p for p in mine if (p.split, p.view) == (split_name, view)]
+            written += _extract(cfg, world, splits[split_name], view, group, networks, cache_dir(cfg))
+    print(f"[cache rank {world.rank}] wrote {written} shard(s)", flush=True)
+    dist.barrier()
+    dims = build_backbone(cfg.model.arch).embedding_dim
+    manifest = rank0_decides(world, lambda: _write_final_manifest(cfg, fingerprint, parts, dims))
+    if world.rank == 0:
+        summary = read_manifest(cache_dir(cfg))
+        rows = ", ".join(f"{name} {entry['rows']} rows" for name, entry in summary["splits"].items())
+        print(f"cache: complete, {manifest} ({rows})", flush=True)
+    return manifest

@@ -22,17 +22,32 @@ import torch
 from ffn_dist.cache.store import CachedSplit, FeatureCache
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config
-from ffn_dist.data.loader import default_device
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.losses import LDAMLoss
 from ffn_dist.metrics import accuracy_report, top_k
 from ffn_dist.models import CosineHead
 from ffn_dist.models.heads import check_fusion_weights, cosine_and_norms, weight_gradient_terms
+from ffn_dist.plots import figure
+from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.backbones import final_checkpoint, stage1_hash
 from ffn_dist.stages.cache import open_run_cache
 
 GATHER_BATCHES = 64  # batches gathered from the cache at once: fewer, larger reads
+# A step is a few dozen small operations: for a small classifier (CIFAR-10: 10 x 64) it is
+# launch-bound on a GPU (some 30 kernels, ~0.2 ms) and takes 62 us on one CPU core here;
+# ImageNet-LT's 1000 x 2048 takes 3.8 ms on that core and is a GPU's work.
+GPU_MIN_WEIGHTS = 2**16
+
+
+def classifier_device(setting: str, weights: int, cuda: bool | None = None) -> torch.device:
+    """`stage2.device`: auto picks a GPU (if any) for classifiers of GPU_MIN_WEIGHTS or more."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if setting == "cuda" and not cuda:
+        raise FFNError("stage2.device=cuda: no CUDA device is visible; use stage2.device=auto or cpu")
+    if setting == "cuda" or (setting == "auto" and cuda and weights >= GPU_MIN_WEIGHTS):
+        return torch.device("cuda")  # the current one
+    return torch.device("cpu")
 
 
 class ClassifierStep:
@@ -132,7 +147,7 @@ class ClassifierTrainer:
         self.train = cache.splits["train"]
         self.images = self.train.rows_of_view(0)  # one row per training image
         self.counts = np.bincount(self.train.labels[self.images], minlength=cfg.data.num_classes)
-        self.device = default_device()  # a GPU when there is one; the CPU is fast enough on a cache
+        self.device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
 
     def fit(self, w1: float) -> dict:
         """Train (or reuse) the classifier for fusion weight w1; returns its report."""
@@ -221,37 +236,42 @@ class ClassifierTrainer:
         tmp.replace(body)
 
 
+def val_choice(reports: list[dict]) -> dict | None:
+    """The sweep's classifier with the best val top-1 (None without a val split)."""
+    with_val = [r for r in reports if r.get("val")]
+    return max(with_val, key=lambda r: r["val"]["top1"]) if with_val else None
+
+
 def sweep_table(reports: list[dict]) -> str:
-    rows = ["| w1 (KPS) | w2 (CE) | top-1 | top-5 | many | medium | few |", "|---|---|---|---|---|---|---|"]
+    chosen = val_choice(reports)
+    rows = [
+        "| w1 (KPS) | w2 (CE) | val top-1 | top-1 | top-5 | many | medium | few |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         t = r["test"]
         cells = ["-" if t[k] is None else f"{t[k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")]
-        rows.append(f"| {r['w1']:.1f} | {r['w2']:.1f} | " + " | ".join(cells) + " |")
+        val = f"{r['val']['top1']:.2f}" if r.get("val") else "-"
+        mark = " (chosen on val)" if r is chosen else ""
+        rows.append(f"| {r['w1']:.1f}{mark} | {r['w2']:.1f} | {val} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    w1 = [r["w1"] for r in reports]
-    ax.plot(w1, [r["test"]["top1"] for r in reports], "o-", label="top-1")
-    for group in ("many", "medium", "few"):
-        values = [r["test"][group] for r in reports]
-        if all(v is not None for v in values):
-            ax.plot(w1, values, ".--", alpha=0.6, label=group)
-    ax.set_xlabel("w1 (KPS weight); w2 = 1 - w1")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.5)) as (_, ax):
+        w1 = [r["w1"] for r in reports]
+        ax.plot(w1, [r["test"]["top1"] for r in reports], "o-", label="top-1")
+        for group in ("many", "medium", "few"):
+            values = [r["test"][group] for r in reports]
+            if all(v is not None for v in values):
+                ax.plot(w1, values, ".--", alpha=0.6, label=group)
+        ax.set_xlabel("w1 (KPS weight); w2 = 1 - w1")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
 
 
+@holds_run_dir
 def train_classifier(cfg: Config, sweep: list[float] | None = None) -> list[dict]:
     """The configured classifier, or one per w1 of `sweep` (plus its table and plot)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -268,7 +288,7 @@ def train_classifier(cfg: Config, sweep: list[float] | None = None) -> list[dict
         table = sweep_table(reports)
         (out / "sweep.md").write_text(table + "\n")
         (out / "sweep.json").write_text(
-            json.dumps([{k: r[k] for k in ("w1", "w2", "test")} for r in reports])
+            json.dumps([{k: r.get(k) for k in ("w1", "w2", "val", "test")} for r in reports])
         )
         plot_sweep(reports, out / "sweep.png", f"{cfg.name}: fusion sweep")
         print(f"\nfusion sweep, test accuracy (%):\n{table}\n(table, JSON and plot in {out})", flush=True)

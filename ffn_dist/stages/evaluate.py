@@ -2,7 +2,8 @@
 
 CE and KPS alone are each branch's own head on the test split as stage 1 scored it (the
 CE linear head; the KPS cosine logits, argmax without r or margins, as the authors do).
-FFN is the stage-2 classifier at the configured w1. Outputs go to `output_dir/report/`:
+FFN is the stage-2 classifier at the configured w1. After `ffn train-classifier --methods`,
+the method chosen on the val split joins them. Outputs go to `output_dir/report/`:
 report.json, report.md, per_class.png (the paper's Fig. 6) and, with --tsne, tsne.png.
 """
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
+from ffn_dist.plots import figure
+from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.backbones import branch_dir
 from ffn_dist.stages.classifier import classifier_dir
 
@@ -40,6 +43,15 @@ def collect_results(cfg: Config) -> dict:
         "KPS": stage1["kps"]["test"],
         f"FFN (w1={cfg.stage2.w1:g})": ffn["test"],
     }
+    compared = Path(cfg.output_dir) / "classifier" / "methods" / "methods.json"
+    if compared.is_file():  # `ffn train-classifier --methods`: the one chosen on val beside them
+        body = json.loads(compared.read_text())
+        best = body.get("best_on_val")
+        if best:
+            row = next(
+                r for r in body["rows"] if (r["method"], r["features"]) == (best["method"], best["features"])
+            )
+            methods[f"{best['method']} on {best['features']} features (best on val)"] = row["test"]
     results = {"name": cfg.name, "train_counts": stage1["ce"]["train_counts"], "methods": methods}
     sweep = Path(cfg.output_dir) / "classifier" / "sweep.json"
     if sweep.is_file():
@@ -60,32 +72,20 @@ def markdown_table(methods: dict[str, dict]) -> str:
 
 
 def plot_per_class(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = np.asarray(results["train_counts"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, report), marker in zip(results["methods"].items(), "os^", strict=True):
-        accuracy = np.array([np.nan if a is None else a for a in report["per_class"]])
-        ax.scatter(counts, accuracy, marker=marker, s=18, alpha=0.7, label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_title(f"{results['name']}: per-class accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 4)) as (_, ax):
+        for (method, report), marker in zip(results["methods"].items(), "os^D", strict=False):
+            accuracy = np.array([np.nan if a is None else a for a in report["per_class"]])
+            ax.scatter(counts, accuracy, marker=marker, s=18, alpha=0.7, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the class (log scale)")
+        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_title(f"{results['name']}: per-class accuracy")
+        ax.legend(fontsize=8)
 
 
 def plot_tsne(cfg: Config, path: Path) -> None:
     """t-SNE of test embeddings (the paper's Fig. 5): CE, KPS and fused when cached."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
     from ffn_dist.stages.cache import open_run_cache
@@ -97,19 +97,17 @@ def plot_tsne(cfg: Config, path: Path) -> None:
     panels = {f"fused (w1={w1:g})": test.fused(rows, w1, w2)}
     if test.store == "normalized":
         panels = {"CE": test.branch(rows, "ce"), "KPS": test.branch(rows, "kps"), **panels}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
-        points = TSNE(init="pca", random_state=cfg.seed, perplexity=min(30, len(rows) - 1)).fit_transform(
-            features.numpy()
-        )
-        ax.scatter(points[:, 0], points[:, 1], c=test.labels[rows], cmap="tab20", s=4)
-        ax.set_title(title)
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, ncols=len(panels), figsize=(4 * len(panels), 4), squeeze=False) as (_, axes):
+        for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
+            points = TSNE(init="pca", random_state=cfg.seed, perplexity=min(30, len(rows) - 1)).fit_transform(
+                features.numpy()
+            )
+            ax.scatter(points[:, 0], points[:, 1], c=test.labels[rows], cmap="tab20", s=4)
+            ax.set_title(title)
+            ax.set_xticks([]), ax.set_yticks([])
 
 
+@holds_run_dir
 def evaluate_run(cfg: Config, tsne: bool = False) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 

@@ -7,8 +7,9 @@ classifier (seconds per epoch on the cache) and the report run in this process.
 
 from __future__ import annotations
 
-import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ffn_dist.cache.store import read_manifest
@@ -17,11 +18,13 @@ from ffn_dist.config import Config
 from ffn_dist.distributed import BRANCHES, visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
-from ffn_dist.stages.backbones import branch_dir
+from ffn_dist.rundir import holding
+from ffn_dist.stages.backbones import branch_dir, refuse_other_config
 from ffn_dist.stages.cache import cache_dir, open_run_cache
 from ffn_dist.stages.classifier import train_classifier
 from ffn_dist.stages.evaluate import evaluate_run
 from ffn_dist.stages.prepare import prepare
+from ffn_dist.stopping import run_group
 
 
 def stage1_complete(cfg: Config) -> bool:
@@ -62,7 +65,7 @@ def torchrun(cfg: Config, command: str, config_path: str, overrides: list[str], 
         *extra,
     ]
     print(f"{command}: {' '.join(cmd[2:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:  # argument list, no shell: nothing is interpolated
+    if run_group(cmd) != 0:  # argument list, no shell: nothing is interpolated
         raise FFNError(f"{command} failed; its output is above (run directory {cfg.output_dir})")
 
 
@@ -75,19 +78,45 @@ def stage1_layout(cfg: Config) -> str:
     return f"{cfg.dist.nproc} process(es) on {where}: {describe_groups(plans)}"
 
 
+@contextmanager
+def timed(seconds: dict, stage: str):
+    """Adds the wall time of the block to `seconds[stage]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - start, 1)
+
+
 def run_pipeline(cfg: Config, config_path: str, overrides: list[str]) -> dict:
+    """Every stage in order; returns the report's results with the wall time of each stage.
+    The run directory is held throughout; the stages' processes share the hold."""
     layout = stage1_layout(cfg)
-    prepare(cfg)
-    if stage1_complete(cfg):
-        print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped", flush=True)
-    else:
-        print(f"stage 1: {layout}", flush=True)
-        torchrun(cfg, "train-backbones", config_path, overrides)
-    if cache_complete(cfg):
-        print(f"cache: complete in {cache_dir(cfg)}, skipped", flush=True)
-    else:
-        # A cache made from older backbones or settings is replaced, not refused: stage 1
-        # or the config changed on purpose, and the fingerprint says how.
-        torchrun(cfg, "cache-features", config_path, overrides, "--rebuild")
-    train_classifier(cfg)
-    return evaluate_run(cfg)
+    with holding(cfg.output_dir):
+        refuse_other_config(cfg)
+        return _run_stages(cfg, config_path, overrides, layout)
+
+
+def _run_stages(cfg: Config, config_path: str, overrides: list[str], layout: str) -> dict:
+    seconds = {}
+    with timed(seconds, "data"):
+        prepare(cfg)
+    with timed(seconds, "stage1"):
+        if stage1_complete(cfg):
+            print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped", flush=True)
+        else:
+            print(f"stage 1: {layout}", flush=True)
+            torchrun(cfg, "train-backbones", config_path, overrides)
+    with timed(seconds, "cache"):
+        if cache_complete(cfg):
+            print(f"cache: complete in {cache_dir(cfg)}, skipped", flush=True)
+        else:
+            # A cache made from older backbones or settings is replaced, not refused: stage 1
+            # or the config changed on purpose, and the fingerprint says how.
+            torchrun(cfg, "cache-features", config_path, overrides, "--rebuild")
+    with timed(seconds, "classifier"):
+        train_classifier(cfg)
+    with timed(seconds, "evaluate"):
+        results = evaluate_run(cfg)
+    print("wall time per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), flush=True)
+    return {**results, "seconds": seconds}

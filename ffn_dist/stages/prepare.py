@@ -8,6 +8,7 @@ from pathlib import Path
 from ffn_dist.config import Config, save_config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.splits import split_stats
+from ffn_dist.data.transforms import TransformSpec
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
@@ -29,10 +30,23 @@ def format_stats_table(stats: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def check_memory_backend(cfg: Config, dataset: Dataset) -> None:
+    """With data.backend=memory, refuse a split whose pixels would not fit before anything runs."""
+    if cfg.data.backend != "memory":
+        return
+    from ffn_dist.data.loader import default_device
+    from ffn_dist.data.memory import check_fits
+
+    for name, split in dataset.splits().items():
+        spec = TransformSpec.from_config(cfg.data, train=name == "train")
+        check_fits(split, spec, cfg.data.memory_limit_gb, default_device())
+
+
 def prepare(cfg: Config) -> Dataset:
     run_dir = Path(cfg.output_dir)
-    save_config(cfg, run_dir / "config.yaml")
     dataset = open_dataset(cfg.data)
+    check_memory_backend(cfg, dataset)
+    save_config(cfg, run_dir / "config.yaml")
     stats = {name: split_stats(split) for name, split in dataset.splits().items()}
     print(format_stats_table(stats), flush=True)
     (run_dir / "data_report.json").write_text(json.dumps({"splits": stats}, indent=2))
