@@ -14,10 +14,10 @@ seconds to stop before it is killed.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 
 GRACE_S = 30.0
@@ -61,10 +61,15 @@ def terminate_on(signals=(signal.SIGTERM, signal.SIGINT)) -> None:
         signal.signal(signum, _terminate)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # Linux: SIGTERM when this process dies, even by SIGKILL
+# Started as `python -c DIE_WITH_PARENT PARENT_PID COMMAND...`: asks Linux for SIGTERM when its
+# parent dies (even by SIGKILL), then becomes COMMAND. A preexec_fn would do it without the
+# extra interpreter, but runs Python between fork and exec, unsafe beside the parent's threads.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(128 + signal.SIGTERM)  # it died already\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
@@ -78,7 +83,9 @@ def run_group(command: list[str]) -> int:
     """Run `command` as its own process group and return its exit status. If this process
     is stopped meanwhile (Terminated), the group gets SIGTERM (stage 1 then checkpoints),
     GRACE_S seconds, then SIGKILL; nothing of it outlives this call."""
-    child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(
+        [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command], start_new_session=True
+    )
     try:
         return child.wait()
     except Terminated:

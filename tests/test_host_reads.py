@@ -74,3 +74,16 @@ def test_a_stage2_step_reads_nothing_back():
         for _ in range(3):
             step(features, labels, 0.1)
     assert reads.seen == []
+
+
+def test_a_memory_backend_batch_reads_nothing_back(demo_root):
+    from ffn_dist.data.loader import build_loader
+    from ffn_dist.data.splits import read_split
+
+    cfg = load_config(None, [f"data.root={demo_root}", "data.backend=memory", "data.color_jitter=0.4"])
+    loader = build_loader(cfg.data, read_split(demo_root / "train.txt", demo_root, 10), train=True)
+    batches = iter(loader)
+    next(batches)
+    with HostReads() as reads:
+        next(batches)
+    assert reads.seen == []

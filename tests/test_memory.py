@@ -145,3 +145,16 @@ def test_draws_are_uniform_and_fixed_by_their_inputs():
         random_draws(0, 0, indices, "dy"),
     ):
         assert (other != random_draws(0, 0, indices, "dx")).float().mean() > 0.99
+
+
+def test_colour_jitter_is_per_sample_and_repeatable(demo_root):
+    split = read_split(demo_root / "train.txt", demo_root, 10, is_train=True)
+
+    def batch(*overrides):
+        cfg = data_cfg(demo_root, "data.batch_size=16", *overrides)
+        return next(iter(build_loader(cfg, split, train=True, backend="memory", seed=2)))
+
+    plain, jittered, again = batch(), batch("data.color_jitter=0.4"), batch("data.color_jitter=0.4")
+    assert torch.equal(plain.indices, jittered.indices) and torch.equal(jittered.images, again.images)
+    changed = (jittered.images - plain.images).abs().flatten(1).amax(1)
+    assert (changed > 0.05).float().mean() > 0.9  # nearly every image gets its own factors

@@ -204,3 +204,22 @@ def test_sigterm_to_ffn_run_stops_the_whole_job_and_a_rerun_completes(tiny_root,
     else:
         assert "stage 1: complete" in again.stdout and "shards already complete" in again.stdout
     assert (out / "report" / "report.json").is_file()
+
+
+def test_ffn_run_killed_with_sigkill_takes_its_processes_along(tiny_root, tmp_path):
+    """SIGKILL cannot be passed on: the torchrun group asked Linux for SIGTERM when its parent
+    dies, so it stops (stage 1 checkpoints) and nothing keeps writing into the run."""
+    out = tmp_path / "run"
+    args = [*tiny_overrides(tiny_root, out, "stage1.epochs=3", "stage1.log_every=1"), "stage2.epochs=1"]
+    with open(tmp_path / "run.log", "w+") as log:
+        job = ffn_process("run", CONFIG, *args, "dist.nproc=2", log=log)
+        wait_for(lambda: list_checkpoints(out / "stage1" / "kps"), "stage 1 under way")
+        processes = job_processes(psutil.Process(job.pid))
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    gone, alive = psutil.wait_procs(processes[1:], timeout=GRACE_S + 30)
+    assert alive == [], [p.cmdline() for p in alive]
+    again = run_ffn("run", CONFIG, *args, "dist.nproc=2")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "taking over from `ffn run" in again.stdout and f"process {job.pid} is gone" in again.stdout
+    assert "resuming from" in again.stdout and (out / "report" / "report.json").is_file()

@@ -193,25 +193,28 @@ def random_crops(windows: torch.Tensor, positions: torch.Tensor, seed: int, epoc
     return windows[flip, positions, dy, torch.where(flip.bool(), 2 * PAD - dx, dx)]
 
 
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(GRAY, device=images.device).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True)
-
-
-def color_jitter(images: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """float [B, 3, H, W] in 0..1: brightness, contrast, saturation (torchvision's blends)."""
+def color_jitter(images: torch.Tensor, factors: dict[str, torch.Tensor], gray: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in 0..1: brightness, contrast, saturation (torchvision's blends);
+    `gray`: the grayscale weights [1, 3, 1, 1] on the images' device."""
 
     def per_sample(name):
         return factors[name].view(-1, 1, 1, 1)
 
     images = (images * per_sample("brightness")).clamp_(0, 1)
-    mean = _gray(images).mean((1, 2, 3), keepdim=True)
+    mean = (images * gray).sum(1, keepdim=True).mean((1, 2, 3), keepdim=True)
     images = (images * per_sample("contrast") + mean * (1 - per_sample("contrast"))).clamp_(0, 1)
-    gray = _gray(images)
-    return (images * per_sample("saturation") + gray * (1 - per_sample("saturation"))).clamp_(0, 1)
+    luma = (images * gray).sum(1, keepdim=True)
+    return (images * per_sample("saturation") + luma * (1 - per_sample("saturation"))).clamp_(0, 1)
 
 
-def to_normalised(images: torch.Tensor, positions: torch.Tensor, seed: int, epoch: int, spec: TransformSpec):
+def channel_constants(spec: TransformSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    """mean, std and grayscale weights as [1, 3, 1, 1] tensors on the device, made once: made
+    every batch, they would be host-to-device copies that wait for the GPU."""
+    values = {"mean": spec.mean, "std": spec.std, "gray": GRAY}
+    return {name: torch.tensor(v, device=device).view(1, 3, 1, 1) for name, v in values.items()}
+
+
+def to_normalised(images, positions, seed: int, epoch: int, spec: TransformSpec, constants: dict):
     """uint8 [B, 3, H, W] -> float32, colour-jittered if configured, normalised: the torch
     backend's arithmetic (ToTensor, Normalize), so eval tensors are equal to its."""
     images = images.float().div_(255)
@@ -221,10 +224,8 @@ def to_normalised(images: torch.Tensor, positions: torch.Tensor, seed: int, epoc
             name: uniform_floats(random_draws(seed, epoch, positions, name), low, high)
             for name in ("brightness", "contrast", "saturation")
         }
-        images = color_jitter(images, factors)
-    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+        images = color_jitter(images, factors, constants["gray"])
+    return images.sub_(constants["mean"]).div_(constants["std"])
 
 
 class MemoryLoader(Loader):
@@ -237,6 +238,7 @@ class MemoryLoader(Loader):
             )
         check_fits(self.split, self.spec, memory_limit_gb, self.device)
         self.pixels, self.labels = self._arrays(decoded_dir)
+        self.constants = channel_constants(self.spec, self.device)
 
     def _arrays(self, decoded_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The pixels as this loader reads them, on the device ([N, 3, H, W], or the crop
@@ -266,6 +268,5 @@ class MemoryLoader(Loader):
                 images = random_crops(self.pixels, positions, seed, epoch)
             else:
                 images = self.pixels[positions]
-            yield Batch(
-                to_normalised(images, positions, seed, epoch, self.spec), self.labels[positions], indices
-            )
+            images = to_normalised(images, positions, seed, epoch, self.spec, self.constants)
+            yield Batch(images, self.labels[positions], indices)
