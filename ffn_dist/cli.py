@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks that print figures; without BENCH: loader, train, cache, stage2 into one JSON",
     )
-    bench.add_argument("--config", default="configs/demo.yaml", help="config of the suite's runs")
+    bench.add_argument("--config", default="demo", help="config of the suite's runs (a path or shipped name)")
     bench.add_argument("--overrides", nargs="*", default=[], metavar="a.b.c=value")
     bench.add_argument("--rounds", type=int, default=3)
     bench.add_argument("--cifar-split", default=None, help="CIFAR split for the loader benchmark")
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     loader.add_argument("--json-out", default=None)
     loader.set_defaults(func=cmd_bench_loader)
     train = bench_sub.add_parser("train", help="stage-1 step vs a bare PyTorch loop, and with the loader")
-    train.add_argument("config", nargs="?", default="configs/demo.yaml")
+    train.add_argument("config", nargs="?", default="demo")
     train.add_argument("overrides", nargs="*", metavar="a.b.c=value")
     train.add_argument("--steps", type=int, default=10, help="timed steps per round")
     train.add_argument("--rounds", type=int, default=3)
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage2 = bench_sub.add_parser(
         "stage2", help="classifier epoch on the cache vs matmul bound and backbones"
     )
-    stage2.add_argument("config", nargs="?", default="configs/demo.yaml")
+    stage2.add_argument("config", nargs="?", default="demo")
     stage2.add_argument("overrides", nargs="*", metavar="a.b.c=value")
     stage2.add_argument(
         "--rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT train); 0 skips"
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage2.add_argument("--json-out", default=None)
     stage2.set_defaults(func=cmd_bench_stage2)
     cache_bench = bench_sub.add_parser("cache", help="cache extraction vs a plain forward of both backbones")
-    cache_bench.add_argument("config", nargs="?", default="configs/demo.yaml")
+    cache_bench.add_argument("config", nargs="?", default="demo")
     cache_bench.add_argument("overrides", nargs="*", metavar="a.b.c=value")
     cache_bench.add_argument("--rounds", type=int, default=3)
     cache_bench.add_argument("--work-dir", default=None, help="where the scratch caches go (default: temp)")
