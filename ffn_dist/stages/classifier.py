@@ -125,20 +125,17 @@ def _identity(cfg: Config, cache: FeatureCache, w1: float) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def predict(head: CosineHead, split: CachedSplit, rows: np.ndarray, w1: float, w2: float, chunk=8192):
-    """Top-k class predictions for `rows` of a cached split."""
-    out = []
-    device = head.weight.device
+def evaluate_cached(
+    logits_of, split: CachedSplit, w1: float, train_counts, device, chunk: int = 8192
+) -> dict:
+    """Accuracy of a classifier (fused features at w1 -> logits) on view 0 of a cached split."""
+    rows = split.rows_of_view(0)
+    predictions = []
     with torch.no_grad():
         for begin in range(0, len(rows), chunk):
-            logits = head(split.fused(rows[begin : begin + chunk], w1, w2).to(device), normalized=True)
-            out.append(top_k(logits).cpu())
-    return torch.cat(out).numpy()
-
-
-def evaluate_cached(head, split: CachedSplit, w1: float, w2: float, train_counts: np.ndarray) -> dict:
-    rows = split.rows_of_view(0)
-    return accuracy_report(split.labels[rows], predict(head, split, rows, w1, w2), train_counts)
+            features = split.fused(rows[begin : begin + chunk], w1, round(1.0 - w1, 6)).to(device)
+            predictions.append(top_k(logits_of(features)).cpu())
+    return accuracy_report(split.labels[rows], torch.cat(predictions).numpy(), train_counts)
 
 
 class ClassifierTrainer:
@@ -181,9 +178,11 @@ class ClassifierTrainer:
             "epochs": s2.epochs,
             "train_counts": self.counts.tolist(),
         }
-        report["test"] = evaluate_cached(head, self.cache.splits["test"], w1, w2, self.counts)
-        if "val" in self.cache.splits:
-            report["val"] = evaluate_cached(head, self.cache.splits["val"], w1, w2, self.counts)
+        for name in ("test", "val"):
+            if name in self.cache.splits:
+                report[name] = evaluate_cached(
+                    lambda z: head(z, normalized=True), self.cache.splits[name], w1, self.counts, self.device
+                )
         self._save(out, head, report)
         test = report["test"]
         print(f"[classifier w1={w1:.2f}] test top-1 {test['top1']:.2f} top-5 {test['top5']:.2f}", flush=True)

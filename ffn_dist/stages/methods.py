@@ -38,7 +38,6 @@ from ffn_dist.cache.store import CachedSplit, FeatureCache
 from ffn_dist.config import Config
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
-from ffn_dist.metrics import accuracy_report, top_k
 from ffn_dist.plots import figure
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.backbones import branch_dir
@@ -48,7 +47,9 @@ from ffn_dist.stages.classifier import (
     ClassifierTrainer,
     classifier_device,
     cosine_lr,
+    evaluate_cached,
     kps_head_weight,
+    val_choice,
 )
 
 METHODS = ("ffn", "joint", "erm", "crt", "lws", "tau_norm", "ncm", "logit_adjustment")
@@ -103,16 +104,6 @@ class Source:
                 split.fused(picked, self.w1, round(1.0 - self.w1, 6)),
                 torch.from_numpy(split.labels[picked]),
             )
-
-
-def evaluate(logits_of, source: Source, split: CachedSplit, counts: np.ndarray, device) -> dict:
-    """Accuracy of a classifier (features -> logits) on view 0 of a cached split."""
-    rows = split.rows_of_view(0)
-    predictions = []
-    with torch.no_grad():
-        for features, _ in source.rows(split, rows):
-            predictions.append(top_k(logits_of(features.to(device))).cpu())
-    return accuracy_report(split.labels[rows], torch.cat(predictions).numpy(), counts)
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -179,17 +170,20 @@ class Methods:
 
     # -- selection ------------------------------------------------------------------------
     def report(self, logits_of, source: Source) -> dict:
-        out = {"test": evaluate(logits_of, source, self.cache.splits["test"], self.counts, self.device)}
-        if "val" in self.cache.splits:
-            out["val"] = evaluate(logits_of, source, self.cache.splits["val"], self.counts, self.device)
-        return out
+        return {
+            name: evaluate_cached(logits_of, self.cache.splits[name], source.w1, self.counts, self.device)
+            for name in ("test", "val")
+            if name in self.cache.splits
+        }
 
     def choose(self, family, grid: list[float], default: float, source: Source) -> tuple[float, dict]:
         """The grid value with the best val top-1 (the first, on a tie), or the default."""
         if self.select_on is None:
             return default, self.report(family(default), source)
         split = self.cache.splits[self.select_on]
-        scores = [evaluate(family(v), source, split, self.counts, self.device)["top1"] for v in grid]
+        scores = [
+            evaluate_cached(family(v), split, source.w1, self.counts, self.device)["top1"] for v in grid
+        ]
         best = grid[int(np.argmax(scores))]
         return best, self.report(family(best), source)
 
@@ -197,8 +191,7 @@ class Methods:
         """w1 of the fused source: FFN's sweep chosen on val, else the config's."""
         if self.select_on is None:
             return self.cfg.stage2.w1
-        reports = [self.ffn.fit(w1) for w1 in W1_GRID]
-        return max(reports, key=lambda r: r[self.select_on]["top1"])["w1"]
+        return val_choice([self.ffn.fit(w1) for w1 in W1_GRID])["w1"]
 
     # -- the methods ----------------------------------------------------------------------
     def run(self, method: str, source: Source, erm: tuple | None) -> dict:
