@@ -105,7 +105,7 @@ def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device
 def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = None):
     """Seconds per epoch of the authors' stage 2, from `timed_steps` timed steps: both frozen
     backbones on an augmented, class-balanced batch, then the same classifier step, all on
-    the device the classifier trains on."""
+    the default device (a GPU when there is one: the backbones are the cost)."""
     device = default_device()
     dataset = open_dataset(cfg.data)
     networks = {b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in BRANCHES}
