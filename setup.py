@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "safetensors>=0.4",  # feature-cache shards: no pickle, memory-mappable
     "matplotlib>=3.7",  # sweep and per-class plots
+    "onnx>=1.17",  # `ffn export`: the model as one ONNX graph (torch's exporter needs onnxscript)
+    "onnxscript>=0.5",
+    "onnxruntime>=1.20",  # `ffn predict --runtime onnx`, and what users serve the export with
 ]
 
 setup(

@@ -11,13 +11,13 @@ holding the position (epoch, step); the next epoch checkpoint removes it.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from ffn_dist.errors import FFNError
+from ffn_dist.run import checkpoint_path, save_torch
 
 NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
 
@@ -30,32 +30,13 @@ class ConfigMismatch(CheckpointError):
     pass
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return Path(directory) / f"epoch_{epoch:04d}.pt"
-
-
 def shard_path(directory: Path, epoch: int, rank: int) -> Path:
     return Path(directory) / f"epoch_{epoch:04d}.shard{rank}.pt"
-
-
-def _atomic_save(state: dict, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    return path
 
 
 def interrupted_path(directory: Path, rank: int | None = None) -> Path:
     """The mid-epoch checkpoint, or (with `rank`) that rank's optimizer shard of it."""
     return Path(directory) / ("interrupted.pt" if rank is None else f"interrupted.shard{rank}.pt")
-
-
-def save_to(path: Path, state: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic_save(state, path)
 
 
 def clear_interrupted(directory: Path) -> None:
@@ -76,8 +57,7 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = _atomic_save(state, checkpoint_path(directory, epoch))
+    path = save_torch(checkpoint_path(directory, epoch), state)
     for old_epoch, old in list_checkpoints(directory)[:-keep]:
         old.unlink()
         for shard in directory.glob(f"epoch_{old_epoch:04d}.shard*.pt"):

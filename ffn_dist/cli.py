@@ -19,22 +19,23 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
-    from ffn_dist.config import resolve_config_path
     from ffn_dist.stages.pipeline import run_pipeline
 
-    run_pipeline(_config(args), str(resolve_config_path(args.config)), args.overrides)
+    run_pipeline(_config(args))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from ffn_dist.run import load_run_config, run_stage
+
+    run_stage(load_run_config(args.run_dir), args.name)
     return 0
 
 
 def cmd_train_backbones(args) -> int:
     from ffn_dist.stages.backbones import train_backbones
-    from ffn_dist.stopping import StopRequested
 
-    try:
-        train_backbones(_config(args), only=args.branch)
-    except StopRequested:
-        print("stage 1 stopped on request (SIGUSR2) after a checkpoint; rerun to resume", file=sys.stderr)
-        return STOPPED
+    train_backbones(_config(args), only=args.branch)
     return 0
 
 
@@ -57,6 +58,40 @@ def cmd_train_classifier(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ffn_dist.stages.export import export_run
+
+    export_run(_config(args), method=args.method, w1=args.w1)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ffn_dist.predict import ExportedModel, predict_images, score_split
+    from ffn_dist.stages.evaluate import markdown_table
+
+    if bool(args.split) == bool(args.images) or bool(args.split) != bool(args.root):
+        raise FFNError("give IMAGE... or --split FILE --root DIR (not both)")
+    model = ExportedModel(args.export_dir, args.runtime)
+    if args.images:
+        results = predict_images(model, args.images, args.top_k)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        for result in [] if args.json else results:
+            shown = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{result['image']}: {shown}")
+        return 0
+    report = score_split(model, args.split, args.root, args.batch_size, args.threads)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    name = f"{model.meta['method']} (w1={model.meta['w1']:g}), {args.runtime}"
+    print(
+        f"{markdown_table({name: report})}\n{report['samples']} images in {report['seconds']:g} s "
+        f"({report['images_per_s']:,.0f} img/s)"
+    )
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ffn_dist.stages.evaluate import evaluate_run
 
@@ -72,26 +107,28 @@ def _launch_overrides(args) -> list[str]:
 
 
 def cmd_submit(args) -> int:
+    from ffn_dist.config import load_config
     from ffn_dist.launchers.slurm import describe, submit
 
-    overrides = _launch_overrides(args)
+    cfg = load_config(args.config, _launch_overrides(args))
     if args.dry_run:
-        print(describe(_config_with(args, overrides), args.config, overrides))
+        print(describe(cfg))
         return 0
-    submit(args.config, overrides, args.executor, wait=args.wait)
+    submit(cfg, args.executor, wait=args.wait)
     return 0
 
 
 def cmd_status(args) -> int:
-    from ffn_dist.launchers.slurm import status
+    from ffn_dist.launchers.slurm import job_states
+    from ffn_dist.run import run_status
 
-    return status(args.config, args.overrides)
-
-
-def _config_with(args, overrides):
-    from ffn_dist.config import load_config
-
-    return load_config(args.config, overrides)
+    cfg = _config(args)
+    lines, failed = run_status(cfg)
+    print("\n".join(lines))
+    jobs, job_failed = job_states(cfg)
+    if jobs:
+        print("\nSLURM jobs of `ffn submit`:\n" + "\n".join(jobs))
+    return 1 if failed or job_failed else 0
 
 
 def cmd_show_config(args) -> int:
@@ -211,6 +248,16 @@ def cmd_bench_cache(args) -> int:
     return 0
 
 
+def cmd_bench_export(args) -> int:
+    from ffn_dist.bench.export import SHAPES, bench_export
+
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if not archs or any(a not in SHAPES for a in archs):
+        raise FFNError(f"--archs {args.archs!r}: expected a comma list of {', '.join(SHAPES)}")
+    _write_json(bench_export(archs, args.batch_size, args.rounds, args.work_dir), args.json_out)
+    return 0
+
+
 def cmd_bench_all(args) -> int:
     from ffn_dist.bench.suite import bench_all, write
 
@@ -251,12 +298,22 @@ def _add_config_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ffn_dist.run import STAGES
+
     parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="the whole pipeline: data, stage 1, feature cache, classifier, report")
     _add_config_args(run)
     run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser(
+        "stage",
+        help="one stage of a started run, from its frozen config (what `ffn run` and `ffn submit` start)",
+    )
+    stage.add_argument("name", choices=[s.name for s in STAGES])
+    stage.add_argument("run_dir", help="the run directory (its config.yaml is the config)")
+    stage.set_defaults(func=cmd_stage)
 
     stage1 = sub.add_parser("train-backbones", help="stage 1: CE and KPS backbones (under torchrun)")
     _add_config_args(stage1)
@@ -298,6 +355,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classifier.set_defaults(func=cmd_train_classifier)
 
+    export = sub.add_parser(
+        "export", help="the trained classifier as one model: ONNX, torch.export (.pt2), model.json"
+    )
+    _add_config_args(export)
+    export.add_argument(
+        "--method", default="ffn", help="a classifier of fused features from `--methods` (default: ffn)"
+    )
+    export.add_argument("--w1", type=float, default=None, help="fusion weight (default: the run's)")
+    export.set_defaults(func=cmd_export)
+
+    predict = sub.add_parser("predict", help="classify images, or score a split, with an exported model")
+    predict.add_argument("export_dir", help="output_dir/export of a run")
+    predict.add_argument("images", nargs="*", metavar="IMAGE")
+    predict.add_argument("--split", default=None, help="a split file to score (top-1, top-5, shot groups)")
+    predict.add_argument("--root", default=None, help="data root the split's paths are relative to")
+    predict.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--threads", type=int, default=2, help="image decoding threads")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(func=cmd_predict)
+
     evaluate = sub.add_parser("evaluate", help="CE, KPS and FFN test accuracy: JSON, Markdown, plots")
     _add_config_args(evaluate)
     evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
@@ -315,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--gpus-per-node", type=int, default=None)
     submit.set_defaults(func=cmd_submit)
 
-    status = sub.add_parser("status", help="state of the jobs `ffn submit` started; which one failed")
+    status = sub.add_parser(
+        "status", help="each stage of the run: complete, stale (what changed), failed (why); SLURM jobs"
+    )
     _add_config_args(status)
     status.set_defaults(func=cmd_status)
 
@@ -434,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on the CPU (meaningless figures: tests the check itself)",
     )
     gpu.set_defaults(func=cmd_bench_gpu)
+    export_bench = bench_sub.add_parser(
+        "export", help="exported model: file sizes, predict img/s (ONNX Runtime, torch.export, eager)"
+    )
+    export_bench.add_argument("--archs", default="resnet32,resnet50", help="comma list: resnet32, resnet50")
+    export_bench.add_argument("--batch-size", type=int, default=32)
+    export_bench.add_argument("--rounds", type=int, default=3)
+    export_bench.add_argument("--work-dir", default=None, help="where the exports go (default: temp)")
+    export_bench.add_argument("--json-out", default=None)
+    export_bench.set_defaults(func=cmd_bench_export)
     accuracy = bench_sub.add_parser(
         "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the w1 sweep"
     )
@@ -461,8 +551,14 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def _lost_peer(exc: Exception) -> bool:
+    """A collective failed because another process of the job ended (its own error says why)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and isinstance(exc, dist.DistError)
+
+
 def main(argv=None) -> int:
-    from ffn_dist.stopping import Terminated, terminate_on
+    from ffn_dist.stopping import StopRequested, Terminated, terminate_on
 
     args = parse(argv)
     terminate_on()  # SIGTERM / SIGINT: clean up (holds, child processes), then exit 128 + signal
@@ -471,9 +567,20 @@ def main(argv=None) -> int:
     except FFNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
+    except StopRequested:
+        print("stopped on request (SIGUSR2 or SIGTERM) after a checkpoint; rerun to resume", file=sys.stderr)
+        return STOPPED
     except Terminated as stop:
         print(f"stopped by {stop}; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
+    except Exception as exc:
+        if not _lost_peer(exc):
+            raise
+        print(
+            f"error: another process of this job ended ({type(exc).__name__}); its error says why",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

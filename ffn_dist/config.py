@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ffn_dist.errors import FFNError
+from ffn_dist.run import write_text
 
 
 class ConfigError(FFNError):
@@ -187,9 +188,10 @@ class LaunchConfig:
     gpus_per_node: int = opt(0, ge=0, doc="0: CPU tasks, dist.nproc per node")
     cpus_per_task: int = opt(4, ge=1, doc="CPU cores per task: DALI threads + the training process")
     mem_gb: int | None = opt(None, ge=1, doc="memory per node")
+    data_minutes: int = opt(30, ge=1, doc="time limit of the data check (split files, statistics)")
     stage1_minutes: int = opt(2880, ge=1, doc="time limit of one stage-1 allocation; it requeues past it")
     cache_minutes: int = opt(240, ge=1)
-    classifier_minutes: int = opt(120, ge=1)
+    classifier_minutes: int = opt(120, ge=1, doc="time limit of the classifier and the report")
     signal_delay_s: int = opt(120, ge=1, doc="USR2 this long before the time limit: checkpoint and requeue")
     max_requeues: int = opt(5, ge=0, doc="preemptions/time-outs a stage may requeue after")
     sbatch: list[str] = opt([], doc="extra sbatch options as key=value, e.g. exclusive=, mail-type=END")
@@ -366,9 +368,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the fully resolved config (atomically) so a run records what produced it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

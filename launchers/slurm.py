@@ -1,10 +1,14 @@
-"""`ffn submit`: the pipeline as three SLURM jobs chained with `afterok`, through submitit.
+"""`ffn submit`: the run's stages (`run.STAGES`) as SLURM jobs chained with `afterok`, via submitit.
 
-    stage 1  (nodes x tasks: both process groups in one allocation)
-      -> feature cache  (its own allocation, same shape)
-        -> classifier + evaluation  (one task)
+    data -> stage 1 (nodes x tasks: both process groups in one allocation)
+         -> feature cache (its own allocation, same shape) -> classifier + evaluate (one task)
 
-Each job runs the stage function `torchrun` runs; ranks and the rendezvous come from SLURM
+A stage of all processes is a job of its own (its own allocation, time limit and requeues);
+consecutive one-process stages share one. Every job reads the run's frozen config
+(`output_dir/config.yaml`, written by `ffn submit` before the first job is queued), never
+the user's YAML: editing it changes nothing in a queued or requeued chain.
+
+Each job runs the stage functions `ffn run` runs; ranks and the rendezvous come from SLURM
 (submitit's TorchDistributedEnvironment exports MASTER_ADDR/PORT, RANK, WORLD_SIZE,
 LOCAL_RANK). Pre-emption and time limits: SLURM sends USR2 `launch.signal_delay_s` early.
 Stage 1 then checkpoints mid-epoch on every rank and requeues itself; the cache job requeues
@@ -26,25 +30,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffn_dist.config import Config, load_config, resolve_config_path
+from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
+from ffn_dist.run import (
+    STAGES,
+    Stage,
+    load_run_config,
+    report_dir,
+    run_dir,
+    run_stage,
+    slurm_dir,
+    start_run,
+    write_json,
+)
 from ffn_dist.rundir import TOKEN_ENV, command_line, end_hold, take_hold
 
-STAGES = ("stage1", "cache", "classifier")
-COMMANDS = {
-    "stage1": "train-backbones",
-    "cache": "cache-features",
-    "classifier": "train-classifier + evaluate",
-}
-DONE_STATES = {"COMPLETED"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
 # What may appear in an #SBATCH line: no newlines or shell syntax (submitit also quotes it).
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
 
 
-def slurm_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir).resolve() / "slurm"
+def chain(stages: tuple[Stage, ...] = STAGES) -> list[tuple[Stage, ...]]:
+    """The jobs of a run, in order: consecutive one-process stages share a job."""
+    jobs: list[tuple[Stage, ...]] = []
+    for stage in stages:
+        if jobs and stage.processes == "one" and jobs[-1][-1].processes == "one":
+            jobs[-1] = (*jobs[-1], stage)
+        else:
+            jobs.append((stage,))
+    return jobs
+
+
+def job_name(stages: tuple[Stage, ...]) -> str:
+    return "+".join(stage.name for stage in stages)
 
 
 def _log(message: str) -> None:
@@ -54,73 +73,54 @@ def _log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- the jobs
 @dataclass
-class StageJob:
-    """One stage as a submitit job. Pickled to the cluster: holds only the config path and
-    overrides, and loads the config there."""
+class ChainJob:
+    """Some stages of a run as one submitit job. Pickled to the cluster: holds the run
+    directory, whose frozen config it reads there (a requeued job too)."""
 
-    stage: str
-    config_path: str
-    overrides: list[str]
+    stages: tuple[str, ...]
+    run_dir: str
     hold_token: str  # the chain's hold on the run directory (rundir.py), shared by its jobs
 
     def __call__(self):
         import submitit
 
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        os.environ[TOKEN_ENV] = self.hold_token  # a requeued job keeps it too
-        cfg = load_config(self.config_path, self.overrides)
-        job = submitit.JobEnvironment()
-        if dist_env.rank == 0:
-            _log(
-                f"{self.stage}: job {job.job_id}, {dist_env.world_size} task(s), "
-                f"master {dist_env.master_addr}:{dist_env.master_port}"
-            )
-        if self.stage == "stage1":
-            return self._stage1(cfg, dist_env.rank)
-        if self.stage == "cache":
-            from ffn_dist.stages.cache import cache_features
-
-            cache_features(cfg, rebuild=True)
-            return None
-        from ffn_dist.stages.classifier import train_classifier
-        from ffn_dist.stages.evaluate import evaluate_run
-
-        train_classifier(cfg)
-        methods = evaluate_run(cfg)["methods"]
-        end_hold(cfg.output_dir, self.hold_token)  # the chain's last job: the run directory is free
-        return methods
-
-    def _stage1(self, cfg: Config, rank: int):
-        from ffn_dist.stages.backbones import train_backbones
         from ffn_dist.stopping import StopRequested
 
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ[TOKEN_ENV] = self.hold_token  # a requeued job keeps it too
+        cfg = load_run_config(self.run_dir)
+        if dist_env.rank == 0:
+            _log(
+                f"{'+'.join(self.stages)}: job {submitit.JobEnvironment().job_id}, "
+                f"{dist_env.world_size} task(s), master {dist_env.master_addr}:{dist_env.master_port}"
+            )
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + requeue, on rank 0
-        try:
-            train_backbones(cfg)
-        except StopRequested:
-            # Every rank has checkpointed (train_backbones waits for all before raising).
-            if rank == 0:
-                requeue(signal.SIGUSR2, None)  # requeues the job and exits
-            time.sleep(cfg.launch.signal_delay_s + 60)  # the requeue ends this task first
-            raise
-        return None
+        for name in self.stages:
+            try:
+                run_stage(cfg, name)
+            except StopRequested:
+                # Every rank has checkpointed (the stage waits for all before raising).
+                if dist_env.rank == 0:
+                    requeue(signal.SIGUSR2, None)  # requeues the job and exits
+                time.sleep(cfg.launch.signal_delay_s + 60)  # the requeue ends this task first
+                raise
+        if self.stages[-1] == STAGES[-1].name:
+            end_hold(cfg.output_dir, self.hold_token)  # the chain's last job: the run directory is free
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on rank 0 at pre-emption / time-out: requeue, up to the cap."""
         import submitit
 
-        cfg = load_config(self.config_path, self.overrides)
+        cfg = load_run_config(self.run_dir)
+        name = "+".join(self.stages)
         counts_path = slurm_dir(cfg) / "requeues.json"
         counts = json.loads(counts_path.read_text()) if counts_path.is_file() else {}
-        counts[self.stage] = counts.get(self.stage, 0) + 1
-        counts_path.write_text(json.dumps(counts))
-        if counts[self.stage] > cfg.launch.max_requeues:
-            _log(f"{self.stage}: not requeued, launch.max_requeues={cfg.launch.max_requeues} reached")
+        counts[name] = counts.get(name, 0) + 1
+        write_json(counts_path, counts)
+        if counts[name] > cfg.launch.max_requeues:
+            _log(f"{name}: not requeued, launch.max_requeues={cfg.launch.max_requeues} reached")
             return None
-        _log(
-            f"{self.stage}: requeue {counts[self.stage]}/{cfg.launch.max_requeues}; "
-            "it resumes from its checkpoint"
-        )
+        _log(f"{name}: requeue {counts[name]}/{cfg.launch.max_requeues}; it resumes from its checkpoint")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
@@ -137,20 +137,16 @@ def stage1_groups(cfg: Config) -> dict:
     return plan_groups(placements, cfg.dist.kps_ranks, cfg.dist.engine)
 
 
-def stage_resources(cfg: Config, stage: str) -> dict:
+def job_resources(cfg: Config, stages: tuple[Stage, ...]) -> dict:
+    """One task for a job of one-process stages; else the whole allocation."""
     launch = cfg.launch
-    single = stage == "classifier"
-    gpus = launch.gpus_per_node if not single else min(launch.gpus_per_node, 1)
+    single = all(stage.processes == "one" for stage in stages)
     return {
         "nodes": 1 if single else launch.nodes,
         "tasks_per_node": 1 if single else tasks_per_node(cfg),
-        "gpus_per_node": gpus,
+        "gpus_per_node": min(launch.gpus_per_node, 1) if single else launch.gpus_per_node,
         "cpus_per_task": launch.cpus_per_task,
-        "timeout_min": {
-            "stage1": launch.stage1_minutes,
-            "cache": launch.cache_minutes,
-            "classifier": launch.classifier_minutes,
-        }[stage],
+        "timeout_min": sum(getattr(launch, key) for key in dict.fromkeys(s.minutes for s in stages)),
     }
 
 
@@ -161,11 +157,11 @@ def _checked(key: str, value) -> str:
     return text
 
 
-def slurm_parameters(cfg: Config, stage: str, dependency: str | None) -> dict:
-    """Parameters of submitit's SlurmExecutor for one stage."""
-    launch, res = cfg.launch, stage_resources(cfg, stage)
+def slurm_parameters(cfg: Config, stages: tuple[Stage, ...], dependency: str | None) -> dict:
+    """Parameters of submitit's SlurmExecutor for one job."""
+    launch, res = cfg.launch, job_resources(cfg, stages)
     params = {
-        "job_name": _checked("name", f"ffn-{cfg.name}-{stage}"),
+        "job_name": _checked("name", f"ffn-{cfg.name}-{job_name(stages)}"),
         "nodes": res["nodes"],
         "ntasks_per_node": res["tasks_per_node"],
         "cpus_per_task": res["cpus_per_task"],
@@ -194,13 +190,13 @@ def slurm_parameters(cfg: Config, stage: str, dependency: str | None) -> dict:
     return params
 
 
-def _executor(cfg: Config, stage: str, kind: str, dependency: str | None = None):
+def _executor(cfg: Config, stages: tuple[Stage, ...], kind: str, dependency: str | None = None):
     import submitit
 
-    folder = slurm_dir(cfg) / stage
+    folder = slurm_dir(cfg) / job_name(stages)
     if kind == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.launch.max_requeues)
-        res = stage_resources(cfg, stage)
+        res = job_resources(cfg, stages)
         executor.update_parameters(
             timeout_min=res["timeout_min"],
             tasks_per_node=res["tasks_per_node"],
@@ -209,42 +205,43 @@ def _executor(cfg: Config, stage: str, kind: str, dependency: str | None = None)
         )
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.launch.max_requeues)
-    executor.update_parameters(**slurm_parameters(cfg, stage, dependency))
+    executor.update_parameters(**slurm_parameters(cfg, stages, dependency))
     return executor
 
 
-def sbatch_script(cfg: Config, stage: str, dependency: str | None) -> str:
-    """The sbatch file submitit writes for a stage (built without needing SLURM here)."""
+def sbatch_script(cfg: Config, stages: tuple[Stage, ...], dependency: str | None) -> str:
+    """The sbatch file submitit writes for a job (built without needing SLURM here)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    folder = slurm_dir(cfg) / stage
+    folder = slurm_dir(cfg) / job_name(stages)
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(cfg, stage, dependency))
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(cfg, stages, dependency))
 
 
-def describe(cfg: Config, config_path: str, overrides: list[str]) -> str:
+def describe(cfg: Config) -> str:
     """What `ffn submit` would submit: resources, environment, commands, sbatch scripts."""
     groups = stage1_groups(cfg)
-    lines = []
-    for number, stage in enumerate(STAGES):
-        res = stage_resources(cfg, stage)
+    jobs = chain()
+    lines = [f"every job reads the run's frozen config: {run_dir(cfg).resolve() / 'config.yaml'}", ""]
+    for number, stages in enumerate(jobs):
+        res = job_resources(cfg, stages)
         tasks = res["nodes"] * res["tasks_per_node"]
-        dependency = f"afterok:<job id of {STAGES[number - 1]}>" if number else "none"
+        dependency = f"afterok:<job id of {job_name(jobs[number - 1])}>" if number else "none"
         lines += [
-            f"== job {number + 1}/3: {stage} ({COMMANDS[stage]})",
+            f"== job {number + 1}/{len(jobs)}: {job_name(stages)}",
             f"   resources: {res['nodes']} node(s) x {res['tasks_per_node']} task(s) = {tasks} task(s), "
             f"{res['gpus_per_node']} GPU(s)/node, {res['cpus_per_task']} CPU(s)/task, "
             f"time limit {res['timeout_min']} min, depends on {dependency}",
-            f"   command: ffn {COMMANDS[stage]} {' '.join([config_path, *overrides])}",
+            *(f"   runs: ffn stage {stage.name} {run_dir(cfg).resolve()}" for stage in stages),
             f"   environment per task: MASTER_ADDR=<first node>, MASTER_PORT=<from job id>, "
             f"RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE={tasks}",
         ]
-        if stage == "stage1":
+        if any(stage.name == "stage1" for stage in stages):
             lines.append(
                 f"   process groups: {describe_groups(groups)}; each data-parallel ({cfg.dist.engine}), "
                 "loader shards per group"
             )
-        script = sbatch_script(cfg, stage, "<id>" if number else None)
+        script = sbatch_script(cfg, stages, "<id>" if number else None)
         lines += ["   sbatch script:", *("     " + line for line in script.splitlines()), ""]
     lines.append("(dry run: nothing was submitted)")
     return "\n".join(lines)
@@ -255,9 +252,9 @@ def _record_path(cfg: Config) -> Path:
     return slurm_dir(cfg) / "submission.json"
 
 
-def _job_record(stage: str, job) -> dict:
+def _job_record(name: str, job) -> dict:
     return {
-        "stage": stage,
+        "stage": name,
         "job_id": str(job.job_id),
         "folder": str(job.paths.folder),
         "log": str(job.paths.stdout),
@@ -265,20 +262,18 @@ def _job_record(stage: str, job) -> dict:
 
 
 def _save_record(cfg: Config, kind: str, records: list[dict]) -> None:
-    path = _record_path(cfg)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"executor": kind, "jobs": records}, indent=1))
-    tmp.replace(path)
+    write_json(_record_path(cfg), {"executor": kind, "jobs": records})
 
 
-def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bool = False) -> list[dict]:
-    """Submit the chain; the run directory is held from before the first job is queued until
-    the last one ends (by this process while it waits, else by the chain's jobs)."""
-    cfg = load_config(config_path, overrides)
+def submit(cfg: Config, kind: str = "slurm", wait: bool = False) -> list[dict]:
+    """Freeze the config and submit the chain; the run directory is held from before the
+    first job is queued until the last one ends (by this process while it waits, else by
+    the chain's jobs)."""
     stage1_groups(cfg)  # refuse a layout that cannot work before anything is queued
     hold = take_hold(cfg.output_dir, command_line())
     try:
-        records = _submit_chain(cfg, config_path, overrides, kind, wait, hold)
+        frozen = load_run_config(start_run(cfg).parent)  # stage-1 changes refused; the jobs read this
+        records = _submit_chain(frozen, kind, wait, hold)
     except BaseException:
         hold.release()
         raise
@@ -289,36 +284,34 @@ def submit(config_path: str, overrides: list[str], kind: str = "slurm", wait: bo
     return records
 
 
-def _submit_chain(cfg: Config, config_path, overrides, kind: str, wait: bool, hold) -> list[dict]:
+def _submit_chain(cfg: Config, kind: str, wait: bool, hold) -> list[dict]:
     slurm_dir(cfg).mkdir(parents=True, exist_ok=True)
     (slurm_dir(cfg) / "requeues.json").unlink(missing_ok=True)
-    # the jobs may start in another directory; a shipped config's name becomes its file
-    config_path = str(resolve_config_path(config_path).resolve())
+    directory = str(run_dir(cfg).resolve())  # the jobs may start in another directory
     records, previous = [], None
-    for stage in STAGES:
-        executor = _executor(cfg, stage, kind, previous.job_id if previous else None)
-        job = executor.submit(StageJob(stage, config_path, list(overrides), hold.token))
-        records.append(_job_record(stage, job))
+    for stages in chain():
+        name = job_name(stages)
+        executor = _executor(cfg, stages, kind, previous.job_id if previous else None)
+        job = executor.submit(ChainJob(tuple(s.name for s in stages), directory, hold.token))
+        records.append(_job_record(name, job))
         _save_record(cfg, kind, records)
-        print(f"submitted {stage:<10} job {job.job_id:<8} log {job.paths.stdout}", flush=True)
+        print(f"submitted {name:<19} job {job.job_id:<8} log {job.paths.stdout}", flush=True)
         if kind == "local":  # no dependencies without SLURM: run the chain in order
-            if not _wait_for(job, stage, records[-1]):
+            if not _wait_for(job, name, records[-1]):
                 _save_record(cfg, kind, records)
                 raise FFNError(_failure_message(records[-1]))
             _save_record(cfg, kind, records)
         previous = job
-    report = Path(cfg.output_dir).resolve() / "report" / "report.md"
+    report = report_dir(cfg).resolve() / "report.md"
     print(f"results: {report.parent} (report.md, report.json, plots)", flush=True)
     if kind == "slurm":
         # the hold lives while any job of the chain is queued or running, wherever it runs
         hold.update(slurm_jobs=[r["job_id"] for r in records])
         ids = ",".join(r["job_id"] for r in records)
-        print(
-            f"follow:  ffn status {shlex.join([config_path, *overrides])}   or   squeue -j {ids}", flush=True
-        )
+        print(f"follow:  ffn status {directory}/config.yaml   or   squeue -j {ids}", flush=True)
     if wait and kind == "slurm":
-        for record, stage in zip(records, STAGES, strict=True):
-            if not _wait_for(_slurm_job(record), stage, record):
+        for record in records:
+            if not _wait_for(_slurm_job(record), record["stage"], record):
                 _save_record(cfg, kind, records)
                 raise FFNError(_failure_message(record))
         _save_record(cfg, kind, records)
@@ -333,7 +326,7 @@ def _slurm_job(record: dict):
     return submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])
 
 
-def _wait_for(job, stage: str, record: dict, poll_s: float = 2.0) -> bool:
+def _wait_for(job, name: str, record: dict, poll_s: float = 2.0) -> bool:
     """Block until the job ends; record its final state; True if it completed."""
     while not job.done():
         time.sleep(poll_s)
@@ -344,7 +337,7 @@ def _wait_for(job, stage: str, record: dict, poll_s: float = 2.0) -> bool:
         record["state"] = job.state if job.state not in ("RUNNING", "UNKNOWN") else "FAILED"
         record["error"] = _job_error(exc)
         return False
-    print(f"{stage}: completed (job {record['job_id']})", flush=True)
+    print(f"{name}: completed (job {record['job_id']})", flush=True)
     return True
 
 
@@ -367,23 +360,18 @@ def _failure_message(record: dict) -> str:
     )
 
 
-def status(config_path: str, overrides: list[str]) -> int:
-    """Print each stage's state; 1 if one failed (naming it and its log), else 0."""
-    cfg = load_config(config_path, overrides)
+def job_states(cfg: Config) -> tuple[list[str], bool]:
+    """A line per job of the run's submission (none without one); whether one failed."""
     path = _record_path(cfg)
     if not path.is_file():
-        raise FFNError(f"{path}: no submission for this config; run `ffn submit` first")
+        return [], False
     body = json.loads(path.read_text())
-    failed = None
+    lines, failed = [], False
     for record in body["jobs"]:
         state = record.get("state") or (
             _slurm_job(record).state if body["executor"] == "slurm" else "UNKNOWN"
         )
         state = state.split()[0]
-        print(f"{record['stage']:<10} job {record['job_id']:<8} {state:<12} log {record['log']}")
-        if failed is None and state in FAILED_STATES:
-            failed = {**record, "state": state}
-    if failed:
-        print(f"\n{failed['stage']} failed; its log: {failed['log']}", file=sys.stderr)
-        return 1
-    return 0
+        lines.append(f"{record['stage']:<19} job {record['job_id']:<8} {state:<12} log {record['log']}")
+        failed = failed or state in FAILED_STATES
+    return lines, failed

@@ -13,7 +13,8 @@ from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.models import CosineHead, fused_embedding
-from ffn_dist.stages.cache import cache_dir, cache_features, load_frozen, open_run_cache
+from ffn_dist.run import cache_dir
+from ffn_dist.stages.cache import cache_features, load_frozen, open_run_cache
 from tests.conftest import CONFIG, TEST_IMAGES, TRAIN_IMAGES, run_ffn
 from tests.conftest import cache_overrides as overrides
 from tests.test_loaders import worker_starts  # noqa: F401  (a fixture)
@@ -29,7 +30,8 @@ def test_two_processes_cache_every_sample_of_every_view_once(cached_run, tiny_ro
     assert manifest["splits"]["train"]["rows"] == 3 * TRAIN_IMAGES
     assert manifest["splits"]["test"]["rows"] == TEST_IMAGES
     assert manifest["dims"] == 64 and manifest["dtype"] == "fp16" and manifest["store"] == "normalized"
-    assert set(manifest["fingerprint"]["backbones"]) == {"ce", "kps"}
+    made_from = set(manifest["fingerprint"]["inputs"])
+    assert {f"stage1 output stage1/{b}/epoch_0002.pt" for b in ("ce", "kps")} <= made_from
     for entry in manifest["splits"].values():
         for part in entry["parts"]:
             assert sha256_file(cache_dir(cfg) / part["file"]) == part["sha256"]
@@ -90,10 +92,10 @@ def test_rerun_rewrites_only_missing_or_damaged_shards(cached_run, tiny_root, tm
 
 def test_stale_or_altered_cache_is_refused_with_what_changed(cached_run, tiny_root, tmp_path):
     out = copy_run(cached_run, tmp_path)
-    changed = load_config(CONFIG, overrides(tiny_root, out, "data.mean=[0.4, 0.5, 0.5]"))
-    with pytest.raises(CacheError, match=r"data.mean: \[0.5, 0.5, 0.5\] when cached, \[0.4, 0.5, 0.5\] now"):
+    changed = load_config(CONFIG, overrides(tiny_root, out, "cache.dtype=fp32"))
+    with pytest.raises(CacheError, match=r"cache.dtype: 'fp16' when cached, 'fp32' now"):
         open_run_cache(changed)
-    refused = run_ffn("cache-features", CONFIG, *overrides(tiny_root, out, "data.mean=[0.4, 0.5, 0.5]"))
+    refused = run_ffn("cache-features", CONFIG, *overrides(tiny_root, out, "cache.dtype=fp32"))
     assert refused.returncode == 2 and "Rerun with --rebuild" in refused.stderr
 
     cfg = load_config(CONFIG, overrides(tiny_root, out))
@@ -108,7 +110,7 @@ def test_stale_or_altered_cache_is_refused_with_what_changed(cached_run, tiny_ro
     state = torch.load(checkpoint, weights_only=True)
     state["model"]["head.bias"] += 1
     torch.save(state, checkpoint)
-    with pytest.raises(CacheError, match="the ce backbone checkpoint changed"):
+    with pytest.raises(CacheError, match="stage1 output stage1/ce/epoch_0002.pt: '[0-9a-f]+' when cached"):
         open_run_cache(cfg)
 
 

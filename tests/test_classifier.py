@@ -17,7 +17,7 @@ from ffn_dist.models import CosineHead
 from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer, parse_sweep
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
-FINGERPRINT = {"backbones": {}, "settings": {"test": True}}
+FINGERPRINT = {"identity": "test", "inputs": {"test": True}}
 
 
 def test_parse_sweep_ranges_lists_and_refusals():
@@ -118,7 +118,8 @@ def test_evaluate_before_stage_2_says_what_to_run(stage1_run, tiny_root, tmp_pat
     out = shutil.copytree(stage1_run, tmp_path / "run")
     result = run_ffn("evaluate", CONFIG, *cache_overrides(tiny_root, out))
     assert result.returncode == 2
-    assert "classifier/w1_0.50/report.json: missing; run `ffn train-classifier` first" in result.stderr
+    said = "stages/classifier.json: stage classifier has not completed; run `ffn train-classifier`"
+    assert said in result.stderr
     assert (
         not np.any([p.name == "report.json" for p in (out / "report").glob("*")])
         if (out / "report").exists()

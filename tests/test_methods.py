@@ -14,18 +14,19 @@ from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import load_config
 from ffn_dist.errors import FFNError
 from ffn_dist.metrics import accuracy_report, top_k
-from ffn_dist.stages.backbones import branch_dir, stage1_hash
+from ffn_dist.run import branch_dir, stage_identity
 from ffn_dist.stages.evaluate import collect_results
 from ffn_dist.stages.methods import METHODS, Methods, Source, compare_methods, parse_methods, selection_split
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
 COUNTS = [200, 120, 70, 40, 25, 15, 9, 5]
 DIMS = 16
-FINGERPRINT = {"backbones": {}, "settings": {"test": True}}
+FINGERPRINT = {"identity": "test", "inputs": {"test": True}}
 
 
-def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0):
-    """Noisy class centres per branch: long-tailed train (2 views), balanced val and test."""
+def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0, store="normalized"):
+    """Noisy class centres per branch: long-tailed train (2 views), balanced val and test;
+    `store` fused keeps only z at w1 = 0.5, as cache.store=fused does."""
     gen = torch.Generator().manual_seed(seed)
     classes = len(COUNTS)
     centres = {b: F.normalize(torch.randn(classes, DIMS, generator=gen), dim=1) for b in ("kps", "ce")}
@@ -41,6 +42,8 @@ def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0):
         for view in range(2 if name == "train" else 1):
             noise = {b: 0.6 * torch.randn(len(labels), DIMS, generator=gen) for b in centres}
             tensors = {b: F.normalize(centres[b][labels] + noise[b], dim=1).half() for b in centres}
+            if store == "fused":
+                tensors = {"fused": (0.5 * tensors["kps"].float() + 0.5 * tensors["ce"].float()).half()}
             shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(7))
             stored = labels[shuffled] if name == "test" and shuffle_test else labels
             tensors.update(labels=stored, indices=torch.arange(len(labels)))
@@ -48,9 +51,17 @@ def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0):
             info = write_shard(directory / file, tensors, {"split": name, "view": str(view), "part": "0"})
             parts.append({**info, "file": file, "view": view})
         splits[name] = {"rows": len(labels) * len(parts), "parts": parts}
+    fusion = {"w1": 0.5, "w2": 0.5} if store == "fused" else None
     write_manifest(
         directory,
-        {"store": "normalized", "dtype": "fp16", "dims": DIMS, "fingerprint": FINGERPRINT, "splits": splits},
+        {
+            "store": store,
+            "dtype": "fp16",
+            "dims": DIMS,
+            "fusion": fusion,
+            "fingerprint": FINGERPRINT,
+            "splits": splits,
+        },
     )
     return open_cache(directory, FINGERPRINT)
 
@@ -64,7 +75,7 @@ def config(tmp_path, *extra):
 def fake_kps_head(cfg):
     """The final stage-1 KPS checkpoint FFN's classifier starts from (a random head)."""
     weight = F.normalize(torch.randn(len(COUNTS), DIMS, generator=torch.Generator().manual_seed(9)), dim=1)
-    state = {"model": {"head.weight": weight}, "config_hash": stage1_hash(cfg)}
+    state = {"model": {"head.weight": weight}, "config_hash": stage_identity(cfg, "stage1")}
     save_checkpoint(branch_dir(cfg, "kps"), cfg.stage1.epochs, state, keep=1)
 
 
@@ -174,6 +185,19 @@ def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(
     with pytest.raises(FFNError, match="--methods 'svm': expected all or a comma list"):
         parse_methods("svm")
     assert parse_methods("ncm,crt") == ["crt", "ncm"]
+
+
+def test_methods_on_a_fused_cache_run_on_what_it_holds(tmp_path, capsys):
+    cfg = config(tmp_path)
+    fake_kps_head(cfg)
+    cache = write_cache(tmp_path / "cache", store="fused")  # with a val split: once refused
+    body = compare_methods(cfg, cache, list(METHODS), "auto")
+    rows = {(r["method"], r["features"]) for r in body["rows"]}
+    assert rows == {(m, "fused") for m in METHODS if m != "joint"}  # joint has no fused form
+    assert all(r["chosen"].get("w1", 0.5) == 0.5 for r in body["rows"])  # the cached w1, not a sweep
+    assert body["best_on_val"]["features"] == "fused"
+    said = capsys.readouterr().out
+    assert "only the fused embedding at w1=0.5" in said and "need cache.store: normalized" in said
 
 
 def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_path):

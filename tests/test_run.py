@@ -39,9 +39,16 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
         assert f"| {method} | " in result.stdout.split("test accuracy (%), demo:")[-1]
     again = run_ffn("run", "demo.yaml", *SHORT, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    for skipped in ("stage 1: complete", "cache: complete", "classifier w1=0.50: complete"):
+    for skipped in ("stage1: complete, skipped", "cache: complete, skipped", "classifier: complete, skipped"):
         assert skipped in again.stdout
     assert json.loads((run_dir / "report" / "report.json").read_text())["methods"] == final["methods"]
+    # a cache setting changed: the cache and every stage after it run again, saying why
+    views = run_ffn("run", "demo.yaml", *SHORT, "cache.train_views=1", cwd=tmp_path)
+    assert views.returncode == 0, views.stderr[-3000:]
+    assert "stage1: complete, skipped" in views.stdout
+    assert "cache: runs again (stale: cache.train_views: 2 when it ran, 1 now)" in views.stdout
+    assert "classifier: runs again (stale: cache output cache/manifest.json: " in views.stdout
+    assert json.loads((run_dir / "cache" / "manifest.json").read_text())["splits"]["train"]["rows"] == 585
 
 
 def test_run_refuses_bad_config_with_one_line_and_writes_nothing(tmp_path):

@@ -15,8 +15,8 @@ import yaml
 from ffn_dist import rundir
 from ffn_dist.checkpoint import list_checkpoints
 from ffn_dist.config import load_config
+from ffn_dist.run import stage_identity
 from ffn_dist.rundir import RunDirHeld, hold_path, take_hold
-from ffn_dist.stages.backbones import stage1_hash
 from ffn_dist.stopping import GRACE_S
 from tests.conftest import CONFIG, REPO, run_ffn, tiny_overrides
 
@@ -123,7 +123,7 @@ def test_two_jobs_started_together_one_runs_and_the_directory_is_its_alone(tiny_
     # what the lone holder writes: its config, every checkpoint from it
     cfg = load_config(CONFIG, [*tiny_overrides(tiny_root, out), f"stage1.lr={lrs[winner]}"])
     assert yaml.safe_load((out / "config.yaml").read_text())["stage1"]["lr"] == float(lrs[winner])
-    assert checkpoint_hashes(out) == {stage1_hash(cfg)}
+    assert checkpoint_hashes(out) == {stage_identity(cfg, "stage1")}
     assert not hold_path(out).exists()
 
 
@@ -160,7 +160,7 @@ def test_two_torchrun_jobs_of_two_processes(tiny_root, tmp_path):
     assert text.count(f"error: {out}: in use by `ffn train-backbones") == 2  # both of its ranks refused
     assert "[ce] epoch" not in text and "[kps] epoch" not in text  # and neither trained
     cfg = load_config(CONFIG, tiny_overrides(tiny_root, out))
-    assert checkpoint_hashes(out) == {stage1_hash(cfg)} and not hold_path(out).exists()
+    assert checkpoint_hashes(out) == {stage_identity(cfg, "stage1")} and not hold_path(out).exists()
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -202,7 +202,7 @@ def test_sigterm_to_ffn_run_stops_the_whole_job_and_a_rerun_completes(tiny_root,
     if stage == "stage1":
         assert "resuming from" in again.stdout
     else:
-        assert "stage 1: complete" in again.stdout and "shards already complete" in again.stdout
+        assert "stage1: complete, skipped" in again.stdout and "shards already complete" in again.stdout
     assert (out / "report" / "report.json").is_file()
 
 

@@ -62,23 +62,26 @@ def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_
     args = cache_overrides(tiny_root, tmp_path / "run", "stage2.epochs=2", "cache.train_views=2")
     result = submit(slurm_env, CONFIG, *args, "--wait")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ids = re.findall(r"submitted (\w+)\s+job (\d+)", result.stdout)
-    assert [stage for stage, _ in ids] == ["stage1", "cache", "classifier"]
+    ids = re.findall(r"submitted (\S+)\s+job (\d+)", result.stdout)
+    assert [stage for stage, _ in ids] == ["data", "stage1", "cache", "classifier+evaluate"]
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
     assert all(m["samples"] == 61 for m in report["methods"].values())
     assert "| FFN (w1=0.5) |" in result.stdout  # the final table
-    stage1_log = (tmp_path / "run" / "slurm" / "stage1" / f"{ids[0][1]}_0_log.out").read_text()
+    stage1_log = (tmp_path / "run" / "slurm" / "stage1" / f"{ids[1][1]}_0_log.out").read_text()
     assert "stage1: job" in stage1_log and "2 task(s)" in stage1_log
     status = ffn_status(slurm_env, CONFIG, *args)
-    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 3, status.stdout + status.stderr
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 4, status.stdout + status.stderr
+    assert re.search(r"data\s+complete\n.*evaluate\s+complete", status.stdout, re.S), status.stdout
+    assert (tmp_path / "run" / "data_report.json").is_file()  # the data stage ran on SLURM too
 
 
 def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root, tmp_path):
     out = tmp_path / "run"
+    config = Path(shutil.copy(CONFIG, tmp_path / "cfg.yaml"))
     args = cache_overrides(tiny_root, out, "stage1.epochs=10", "stage1.log_every=1", "stage2.epochs=1")
     chain = subprocess.Popen(
-        [sys.executable, "-m", "ffn_dist.cli", "submit", CONFIG, *args, "--wait"],
+        [sys.executable, "-m", "ffn_dist.cli", "submit", config, *args, "--wait"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -91,7 +94,7 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
         assert time.time() < deadline and chain.poll() is None, "stage 1 never checkpointed"
         time.sleep(0.2)
     job_ids = [r["job_id"] for r in json.loads((out / "slurm" / "submission.json").read_text())["jobs"]]
-    job_id = job_ids[0]
+    job_id = job_ids[1]  # stage 1's (after the data check's)
     # the chain holds the run directory while any of its jobs is queued or running
     assert json.loads((out / ".hold.json").read_text())["slurm_jobs"] == job_ids
     second = submit(slurm_env, CONFIG, *args)
@@ -99,6 +102,9 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
     # How SLURM pre-empts: SIGTERM, then the USR2 warning (submitit's own test helper does this).
     for sig in ("SIGTERM", "USR2"):
         subprocess.run(["scancel", job_id, "--signal", sig], check=True, env=slurm_env)
+    # The user edits the YAML for the next experiment: the requeued and queued jobs read the
+    # run's frozen config, not this file.
+    config.write_text(config.read_text().replace("w1: 0.5", "w1: 0.8").replace("w2: 0.5", "w2: 0.2"))
     stdout, stderr = chain.communicate(timeout=900)
     assert chain.returncode == 0, stdout[-3000:] + stderr[-3000:]
     logs = "".join(p.read_text() for p in sorted((out / "slurm" / "stage1").glob(f"{job_id}_*_log.out")))
@@ -117,7 +123,9 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
     for branch in ("ce", "kps"):
         assert (out / "stage1" / branch / "epoch_0010.pt").is_file()
         assert not (out / "stage1" / branch / "interrupted.pt").exists()  # superseded
-    assert (out / "report" / "report.json").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert not (out / "classifier" / "w1_0.80").exists()
 
 
 def test_a_failing_stage1_stops_the_chain_and_is_reported(slurm_env, tiny_root, tmp_path):
@@ -133,11 +141,12 @@ def test_a_failing_stage1_stops_the_chain_and_is_reported(slurm_env, tiny_root, 
     assert re.search(r"error: stage1 failed \(job \d+, FAILED\): .*train.txt:1 .*broken/0.jpg", result.stderr)
     assert "the stages after it did not run" in result.stderr
     time.sleep(12)  # SLURM cancels the dependent jobs at its next scheduling pass
-    for stage in ("cache", "classifier"):
-        assert list((tmp_path / "run" / "slurm" / stage).glob("*_log.out")) == []  # never started
+    for job in ("cache", "classifier+evaluate"):
+        assert list((tmp_path / "run" / "slurm" / job).glob("*_log.out")) == []  # never started
     status = ffn_status(slurm_env, CONFIG, *args)
     assert status.returncode == 1
-    assert re.search(r"stage1 failed; its log: .*/slurm/stage1/\d+_0_log.out", status.stderr)
+    assert re.search(r"stage1\s+failed: .*train.txt:1 .*broken/0.jpg", status.stdout), status.stdout
+    assert re.search(r"stage1\s+job \d+\s+FAILED\s+log .*/slurm/stage1/\d+_0_log.out", status.stdout)
     assert re.search(r"cache\s+job \d+\s+CANCELLED", status.stdout), status.stdout
     assert not (tmp_path / "run" / "cache").exists()
 
@@ -160,7 +169,10 @@ def test_dry_run_of_a_4_node_8_gpu_imagenet_submission(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("4 node(s) x 8 task(s) = 32 task(s), 8 GPU(s)/node") == 2  # stage 1, cache
-    assert "1 node(s) x 1 task(s) = 1 task(s), 1 GPU(s)/node" in out  # classifier
+    assert out.count("1 node(s) x 1 task(s) = 1 task(s), 1 GPU(s)/node") == 2  # data; classifier + report
+    jobs = re.findall(r"== job \d/4: (\S+)", out)
+    assert jobs == ["data", "stage1", "cache", "classifier+evaluate"]  # run.STAGES, one job per shape
+    assert f"every job reads the run's frozen config: {tmp_path / 'run' / 'config.yaml'}" in out
     assert "CE ranks 0-15 (16, nccl), KPS ranks 16-31 (16, nccl)" in out
     for line in (
         "#SBATCH --nodes=4",
@@ -173,7 +185,7 @@ def test_dry_run_of_a_4_node_8_gpu_imagenet_submission(tmp_path):
         "#SBATCH --kill-on-invalid-dep=yes",
     ):
         assert line in out
-    assert out.count("#SBATCH --dependency=") == 2 and out.rstrip().endswith(
+    assert out.count("#SBATCH --dependency=") == 3 and out.rstrip().endswith(
         "(dry run: nothing was submitted)"
     )
     assert not (tmp_path / "run").exists()
@@ -196,5 +208,5 @@ def test_local_executor_runs_the_same_chain_without_slurm(tiny_root, tmp_path):
         line.split(":")[0]
         for line in result.stdout.splitlines()
         if line.endswith(")") and "completed (job" in line
-    ] == ["stage1", "cache", "classifier"]
+    ] == ["data", "stage1", "cache", "classifier+evaluate"]
     assert (tmp_path / "run" / "report" / "report.json").is_file()

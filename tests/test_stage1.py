@@ -84,8 +84,8 @@ def test_a_run_of_another_config_is_refused_before_anything_trains(tiny_root, tm
         in result.stderr
     )
     assert run_files(out) == before  # nothing written, for either branch: not even config.yaml
-    # a run without its recorded config: each branch's checkpoint still refuses another config
-    (out / "config.yaml").unlink()
+    # a run without its stage record: each branch's checkpoint still refuses another config
+    (out / "stages" / "stage1.json").unlink()
     result = run_ffn("train-backbones", REPO / "configs" / "demo.yaml", *args, "stage1.lr=0.05")
     assert result.returncode == 2
     assert "written by a different config" in result.stderr and "Traceback" not in result.stderr

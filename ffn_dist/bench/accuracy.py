@@ -112,7 +112,7 @@ def bench_accuracy(schedule: str, archive: str | None, work_dir: str) -> dict | 
     ]
     cfg = load_config(CONFIG, overrides)
     with holding(cfg.output_dir):  # the pipeline and the sweep, one job
-        results = run_pipeline(cfg, str(CONFIG), overrides)
+        results = run_pipeline(cfg)
         seconds = dict(results["seconds"])
         with timed(seconds, "sweep"):
             sweep = train_classifier(cfg, parse_sweep("w1=0:1:0.1"))

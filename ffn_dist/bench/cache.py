@@ -25,17 +25,23 @@ from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader, default_device
 from ffn_dist.distributed import BRANCHES
 from ffn_dist.models.precision import autocast, place_images, place_model
-from ffn_dist.stages.backbones import branch_dir, build_network, stage1_hash
-from ffn_dist.stages.cache import STORED_DTYPES, cache_dir, cache_features
+from ffn_dist.run import begin_stage, branch_dir, cache_dir, final_checkpoint, finish_stage, stage_identity
+from ffn_dist.stages.backbones import build_network
+from ffn_dist.stages.cache import STORED_DTYPES, cache_features
 
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def fake_stage1(cfg: Config) -> None:
-    """Final stage-1 checkpoints with freshly initialised weights (timings do not care)."""
+    """A complete stage 1 of freshly initialised weights (timings do not care)."""
+    begin_stage(cfg, "stage1")
     for branch in BRANCHES:
-        state = {"model": build_network(cfg, branch).state_dict(), "config_hash": stage1_hash(cfg)}
+        state = {
+            "model": build_network(cfg, branch).state_dict(),
+            "config_hash": stage_identity(cfg, "stage1"),
+        }
         save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
+    finish_stage(cfg, "stage1", [final_checkpoint(cfg, branch) for branch in BRANCHES])
 
 
 def _loaders(cfg: Config, scratch: str):

@@ -39,7 +39,7 @@ from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.stages.backbones import build_network
 from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer
 
-SYNTHETIC = {"backbones": {}, "settings": {"synthetic": True}}
+SYNTHETIC = {"identity": "synthetic", "inputs": {"synthetic": True}}
 
 
 def write_synthetic_cache(

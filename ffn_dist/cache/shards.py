@@ -7,17 +7,16 @@ reader tells a finished, intact shard from a truncated or altered one.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ffn_dist.errors import FFNError
+from ffn_dist.run import sha256_file, write_bytes, write_json
 
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
@@ -26,36 +25,21 @@ class CacheError(FFNError):
     pass
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
     """Write atomically, then the sidecar; returns what the sidecar records."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes(path, data, sync=True)
     info = {
         "file": path.name,
         "rows": int(tensors["labels"].shape[0]),
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
     }
-    side = sidecar_path(path)
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(info))
-    side_tmp.replace(side)
+    write_json(sidecar_path(path), info)
     return info
 
 

@@ -16,27 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffn_dist import run
 from ffn_dist.cache.shards import CacheError, MappedShard, shard_problem
 
 MANIFEST = "manifest.json"
 
 
 def describe_changes(recorded: dict, current: dict) -> list[str]:
-    """Human-readable differences between two fingerprints."""
-    changes = []
-    for branch, old in recorded.get("backbones", {}).items():
-        new = current["backbones"].get(branch, {})
-        if old.get("sha256") != new.get("sha256"):
-            was, now = str(old.get("sha256"))[:12], str(new.get("sha256"))[:12]
-            changes.append(
-                f"the {branch} backbone checkpoint changed ({old.get('checkpoint')} sha256 {was}..., "
-                f"now {new.get('checkpoint')} {now}...)"
-            )
-    old_settings, new_settings = recorded.get("settings", {}), current["settings"]
-    for key in sorted(set(old_settings) | set(new_settings)):
-        if old_settings.get(key) != new_settings.get(key):
-            changes.append(f"{key}: {old_settings.get(key)!r} when cached, {new_settings.get(key)!r} now")
-    return changes
+    """What differs between the fingerprint a cache was made from and the current one."""
+    return run.describe_changes(recorded.get("inputs", {}), current["inputs"], then="when cached")
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -50,11 +38,7 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 def write_manifest(directory: Path, body: dict) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    tmp.replace(path)
-    return path
+    return run.write_json(Path(directory) / MANIFEST, body)
 
 
 class CachedSplit:

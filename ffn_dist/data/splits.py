@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ffn_dist.errors import FFNError
+from ffn_dist.run import write_text
 
 # Shot groups as defined since OLTR: many > 100 training images, medium 20..100, few < 20.
 MANY_SHOT_MIN = 101
@@ -153,6 +154,4 @@ def split_stats(split: Split) -> dict:
 
 def write_split(path: Path, entries: list[tuple[str, int]]) -> None:
     """Write a split file atomically, so a reader never sees a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{rel} {label}\n" for rel, label in entries))
-    tmp.replace(path)
+    write_text(path, "".join(f"{rel} {label}\n" for rel, label in entries))

@@ -106,3 +106,52 @@ def fused_embedding(f_kps: torch.Tensor, f_ce: torch.Tensor, w1: float, w2: floa
 def check_fusion_weights(w1: float, w2: float) -> None:
     if not math.isclose(w1 + w2, 1.0, abs_tol=1e-6):
         raise FFNError(f"fusion weights must sum to 1 (w1 + w2), got {w1} + {w2} = {w1 + w2:g}")
+
+
+class LinearForm(nn.Module):
+    """A trained classifier of fused embeddings as one layer: x @ W^T + b, where x is z, or
+    z / |z| with `normalize_input`. Every classifier stage 2 trains or fits has this form:
+    FFN's cosine head (W's rows normalised, no bias), a linear one (cRT, ERM), LWS (rows
+    scaled), tau-normalisation (rows divided by |w|^tau), logit adjustment (b - tau log pi),
+    nearest class mean (unit inputs against unit means). It holds no parameters, only
+    buffers: a frozen model to evaluate and export."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, normalize_input: bool = False):
+        super().__init__()
+        weight = weight.detach().float()
+        self.register_buffer("weight", weight.clone())
+        self.register_buffer(
+            "bias", torch.zeros(len(weight)) if bias is None else bias.detach().float().clone()
+        )
+        self.normalize_input = normalize_input
+
+    @classmethod
+    def cosine(cls, weight: torch.Tensor) -> LinearForm:
+        """FFN's classifier: z @ normalize(W)^T."""
+        return cls(F.normalize(weight.detach().float(), dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.normalize_input:
+            features = F.normalize(features, dim=1)
+        return F.linear(features, self.weight, self.bias)
+
+    def state(self) -> dict:
+        return {"weight": self.weight.cpu(), "bias": self.bias.cpu(), "normalize_input": self.normalize_input}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LinearForm:
+        return cls(state["weight"], state["bias"], bool(state["normalize_input"]))
+
+
+class FusedClassifier(nn.Module):
+    """The whole FFN classifier, images to logits: both backbones, their unit embeddings,
+    z = w1 * f̂_kps + w2 * f̂_ce, and a classifier of z (a LinearForm)."""
+
+    def __init__(self, ce: nn.Module, kps: nn.Module, w1: float, head: LinearForm):
+        super().__init__()
+        check_fusion_weights(w1, round(1.0 - w1, 6))
+        self.ce, self.kps, self.head = ce, kps, head
+        self.w1, self.w2 = float(w1), round(1.0 - w1, 6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(fused_embedding(self.kps(images), self.ce(images), self.w1, self.w2))

@@ -9,8 +9,7 @@ same output directory resumes each branch from its latest complete checkpoint.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -18,23 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from ffn_dist.checkpoint import (
     CheckpointError,
     ConfigMismatch,
-    checkpoint_path,
     clear_interrupted,
     interrupted_path,
     list_checkpoints,
     load_checkpoint,
     load_latest,
     save_checkpoint,
-    save_to,
     shard_path,
 )
-from ffn_dist.config import Config, config_to_dict, save_config
+from ffn_dist.config import Config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.mixup import mixup
@@ -52,6 +48,18 @@ from ffn_dist.losses import CELoss, KPSLoss
 from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
 from ffn_dist.models import CosineHead, LinearHead, build_backbone
 from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.run import (
+    StageFailed,
+    begin_stage,
+    branch_dir,
+    checkpoint_path,
+    final_checkpoint,
+    finish_stage,
+    recorded,
+    save_torch,
+    stage_identity,
+    write_json,
+)
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import StopRequested, stop_on, stop_requested
 
@@ -101,41 +109,6 @@ def base_lr(cfg: Config, group_size: int) -> float:
     return cfg.stage1.lr * (group_size if cfg.stage1.scale_lr else 1)
 
 
-STAGE1_SECTIONS = ("seed", "data", "model", "stage1", "dist")
-# Settings stage 1's weights do not depend on: its loader's speed knobs, and a split it never reads.
-STAGE1_INDIFFERENT = ("data.val_split", "data.num_threads", "data.memory_limit_gb")
-
-
-def stage1_settings(values: dict) -> dict:
-    """The settings stage 1 trains from, flattened ('stage1.lr'), of a config as a dict."""
-
-    def flat(node, prefix=""):
-        items = {}
-        for key, value in node.items():
-            if isinstance(value, dict):
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-
-    settings = flat({section: values.get(section) for section in STAGE1_SECTIONS})
-    return {key: value for key, value in settings.items() if key not in STAGE1_INDIFFERENT}
-
-
-def stage1_hash(cfg: Config) -> str:
-    """What stage-1 checkpoints are tied to: changing a stage-2 or cache setting keeps them."""
-    text = yaml.safe_dump(stage1_settings(config_to_dict(cfg)), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def final_checkpoint(cfg: Config, branch: str) -> Path:
-    return checkpoint_path(branch_dir(cfg, branch), cfg.stage1.epochs)
-
-
-def branch_dir(cfg: Config, branch: str) -> Path:
-    return Path(cfg.output_dir) / "stage1" / branch
-
-
 def evaluate(model: nn.Module, loader, branch: Branch, world: World, cfg: Config, counts) -> dict:
     """Top-1/top-5/per-class/shot-group accuracy of the branch's own head on a split."""
     model.eval()
@@ -182,7 +155,7 @@ class BranchTrainer:
         self.cfg, self.world, self.branch = cfg, world, branch
         self.counts = dataset.train.class_counts()
         self.dir = branch_dir(cfg, branch.name)
-        self.hash = stage1_hash(cfg)
+        self.hash = stage_identity(cfg, "stage1")
         net = place_model(build_network(cfg, branch.name), world.device)
         # labels come from the training split, validated when it was read
         self.loss = build_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
@@ -259,7 +232,11 @@ class BranchTrainer:
         return epoch, step
 
     def _checkpoint(self, epoch: int, step: int = 0) -> None:
-        """A checkpoint after `epoch` epochs (step 0), or `step` steps into the next one."""
+        """A checkpoint after `epoch` epochs (step 0), or `step` steps into the next one;
+        never of weights that are not finite (one read per checkpoint, not per step)."""
+        weights = [p.detach() for p in self.engine.module.parameters()]
+        if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):
+            self._diverged("the weights are not finite", epoch if step == 0 else epoch + 1, step)
         state = self.engine.state()
         state.update(
             epoch=epoch,
@@ -271,7 +248,7 @@ class BranchTrainer:
         main, shard = self._paths(epoch, step)
         if self.engine.sharded_optimizer:
             # Every rank writes its shard; the main file, written after all, marks completion.
-            save_to(shard, {"optimizer": state.pop("optimizer"), "config_hash": self.hash})
+            save_torch(shard, {"optimizer": state.pop("optimizer"), "config_hash": self.hash})
             state.update(optimizer=None, optimizer_shards=self.branch.size)
             dist.barrier(group=self.branch.group)
         if self.branch.is_first:
@@ -279,13 +256,30 @@ class BranchTrainer:
                 save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
                 clear_interrupted(self.dir)
             else:
-                save_to(main, state)
+                save_torch(main, state)
 
-    def _stop_agreed(self) -> bool:
-        """True on every rank of the group once any of them was asked to stop."""
-        flag = torch.tensor([float(stop_requested())], device=self.world.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.branch.group)
-        return bool(flag.item())
+    def _agreed(self, diverged: bool) -> tuple[bool, bool]:
+        """(stop requested, loss not finite), true on every rank of the group once on any."""
+        flags = torch.tensor([float(stop_requested()), float(diverged)], device=self.world.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.branch.group)
+        stop, diverged = flags.tolist()
+        return bool(stop), bool(diverged)
+
+    def _diverged(self, what: str, epoch: int, step: int):
+        """Stop the job: nothing after a non-finite loss is worth keeping. The newest
+        checkpoint (every one written was checked finite) stays the one a rerun resumes from."""
+        found = list_checkpoints(self.dir)
+        if interrupted_path(self.dir).is_file():
+            last = f"{interrupted_path(self.dir)}, which a rerun resumes from"
+        elif found:
+            last = f"{found[-1][1]}, which a rerun resumes from"
+        else:
+            last = "none yet: a rerun starts from scratch"
+        raise StageFailed(
+            f"[{self.branch.name}] {what} at epoch {epoch}, step {step}: training diverged "
+            f"(stage1.lr {self.cfg.stage1.lr:g}; try a lower one in another output_dir). "
+            f"Last checkpoint with finite weights: {last}"
+        )
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -324,12 +318,14 @@ class BranchTrainer:
                 loss = self.train_step(batch.images, batch.labels, rng, lr)
                 console.advance()
                 if (step + 1) % s1.log_every == 0 or step + 1 == steps:
+                    value = loss.item()  # the logging step's read: the checks below ride on it
                     rate = global_batch * (step + 1 - first) / (time.perf_counter() - tick)
-                    console.report(epoch, s1.epochs, step, steps, loss.item(), lr, rate)
-                    self._scalars(
-                        {"loss": loss.item(), "lr": lr, "images_per_s": rate}, epoch * steps + step + 1
-                    )
-                    if self._stop_agreed():  # checked where the loop already syncs, not every step
+                    console.report(epoch, s1.epochs, step, steps, value, lr, rate)
+                    self._scalars({"loss": value, "lr": lr, "images_per_s": rate}, epoch * steps + step + 1)
+                    stop, diverged = self._agreed(not math.isfinite(value))
+                    if diverged:
+                        self._diverged(f"the loss is {value:g}", epoch + 1, step + 1)
+                    if stop:
                         self._checkpoint(epoch, step + 1)
                         if self.branch.is_first:
                             print(
@@ -370,48 +366,25 @@ class BranchTrainer:
     def _write_report(self, report: dict) -> None:
         if not self.branch.is_first:
             return
-        path = self.dir / "report.json"
         body = {
             "branch": self.branch.name,
             "epochs": self.cfg.stage1.epochs,
             "train_counts": self.counts.tolist(),
             "test": report,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(body, indent=2))
-        tmp.replace(path)
+        write_json(self.dir / "report.json", body)
 
 
-def stage1_changes(recorded: dict, cfg: Config) -> list[str]:
-    """'stage1.lr: 0.1 in the run, 0.01 now' for every stage-1 setting that differs."""
-    old, new = stage1_settings(recorded), stage1_settings(config_to_dict(cfg))
-    return [
-        f"{key}: {old.get(key)!r} in the run, {new[key]!r} now" for key in new if old.get(key) != new[key]
-    ]
+def _begin(cfg: Config) -> Config:
+    begin_stage(cfg, "stage1")
+    return cfg
 
 
-def refuse_other_config(cfg: Config) -> None:
-    """Before anything is trained or written: a run directory whose stage 1 was started
-    from another config is refused, for both branches at once, naming what differs."""
-    recorded = Path(cfg.output_dir) / "config.yaml"
-    started = any(
-        list_checkpoints(branch_dir(cfg, b)) or interrupted_path(branch_dir(cfg, b)).is_file()
-        for b in BRANCHES
-    )
-    if not (started and recorded.is_file()):
-        return
-    changes = stage1_changes(yaml.safe_load(recorded.read_text()) or {}, cfg)
-    if changes:
-        raise ConfigMismatch(
-            f"{cfg.output_dir}: its stage-1 checkpoints come from another config: {'; '.join(changes)}. "
-            f"Use another output_dir, or the config the run was started with ({recorded})"
-        )
-
-
-def start_run(cfg: Config) -> None:
-    """The run directory takes this config: refused if stage 1 ran with another one."""
-    refuse_other_config(cfg)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+def _finish(cfg: Config) -> None:
+    """Stage 1 is complete once both branches have their final checkpoint and report."""
+    outputs = [p for b in BRANCHES for p in (final_checkpoint(cfg, b), branch_dir(cfg, b) / "report.json")]
+    if all(p.is_file() for p in outputs):
+        finish_stage(cfg, "stage1", outputs)
 
 
 def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
@@ -423,18 +396,20 @@ def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
     reports = {}
     try:
         with holding(cfg.output_dir, world):
-            rank0_decides(world, lambda: start_run(cfg))
-            dataset = open_dataset(cfg.data)
-            try:
-                for branch in make_branches(world, cfg.dist):
-                    if only in (None, branch.name):
-                        reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
-                dist.barrier()
-            except StopRequested:
-                # Matches the other ranks' barrier (stopped or finished): when it returns every
-                # rank has checkpointed, so the caller may requeue the job.
-                dist.barrier()
-                raise
+            cfg = rank0_decides(world, lambda: _begin(cfg))  # every rank trains from rank 0's
+            with recorded(cfg, "stage1"):
+                dataset = open_dataset(cfg.data)
+                try:
+                    for branch in make_branches(world, cfg.dist):
+                        if only in (None, branch.name):
+                            reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
+                    dist.barrier()
+                except StopRequested:
+                    # Matches the other ranks' barrier (stopped or finished): when it returns
+                    # every rank has checkpointed, so the caller may requeue the job.
+                    dist.barrier()
+                    raise
+                rank0_decides(world, lambda: _finish(cfg))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ffn_dist.cache.shards import CacheError, sha256_file, shard_problem, sidecar_path, write_shard
+from ffn_dist.cache.shards import CacheError, shard_problem, sidecar_path, write_shard
 from ffn_dist.cache.store import FeatureCache, describe_changes, open_cache, read_manifest, write_manifest
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config, config_to_dict
@@ -30,59 +30,31 @@ from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split
 from ffn_dist.distributed import BRANCHES, World, init_world, rank0_decides
-from ffn_dist.errors import FFNError
 from ffn_dist.models import build_backbone
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
+from ffn_dist.run import (
+    StageFailed,
+    begin_stage,
+    cache_dir,
+    final_checkpoint,
+    finish_stage,
+    recorded,
+    stage_identity,
+    stage_inputs,
+    write_json,
+)
 from ffn_dist.rundir import holding
-from ffn_dist.stages.backbones import Network, build_network, final_checkpoint, stage1_hash
+from ffn_dist.stages.backbones import Network, build_network
 
 STORED_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-# Settings an embedding depends on; the data loader's speed knobs are not among them.
-DATA_SETTINGS = (
-    "root",
-    "train_split",
-    "val_split",
-    "test_split",
-    "num_classes",
-    "backend",
-    "train_crop",
-    "image_size",
-    "resize_size",
-    "color_jitter",
-    "mean",
-    "std",
-    "on_bad_image",
-)
-
-
-def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "cache"
-
-
-def cache_settings(cfg: Config) -> dict:
-    settings = {"seed": cfg.seed, "model.arch": cfg.model.arch}
-    settings.update({f"data.{k}": getattr(cfg.data, k) for k in DATA_SETTINGS})
-    settings.update(
-        {f"cache.{k}": getattr(cfg.cache, k) for k in ("train_views", "store", "dtype", "shard_rows")}
-    )
-    if cfg.cache.store == "fused":
-        settings.update({"stage2.w1": cfg.stage2.w1, "stage2.w2": cfg.stage2.w2})
-    return settings
 
 
 def cache_fingerprint(cfg: Config) -> dict:
-    """What the cache is made from: both final stage-1 checkpoints and the settings above."""
-    backbones = {}
-    for branch in BRANCHES:
-        path = final_checkpoint(cfg, branch)
-        if not path.is_file():
-            raise FFNError(
-                f"{path}: the final stage-1 checkpoint of the {branch} branch is missing; "
-                "run stage 1 first (`ffn run` or `ffn train-backbones`)"
-            )
-        backbones[branch] = {"checkpoint": str(path), "sha256": sha256_file(path)}
-    return {"backbones": backbones, "settings": cache_settings(cfg)}
+    """What the cache is made from: the stage's inputs (its settings, the split files'
+    contents, stage 1's recorded checkpoints) and their identity."""
+    inputs = stage_inputs(cfg, "cache")
+    return {"identity": stage_identity(cfg, "cache", inputs), "inputs": inputs}
 
 
 def open_run_cache(cfg: Config) -> FeatureCache:
@@ -114,7 +86,7 @@ def plan_parts(splits: dict[str, Split], cfg: Config) -> list[Part]:
 
 
 def load_frozen(cfg: Config, branch: str, device: torch.device) -> Network:
-    state = load_checkpoint(final_checkpoint(cfg, branch), stage1_hash(cfg))
+    state = load_checkpoint(final_checkpoint(cfg, branch), stage_identity(cfg, "stage1"))
     network = build_network(cfg, branch)
     network.load_state_dict(state["model"])
     network.requires_grad_(False)
@@ -164,9 +136,21 @@ def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, worl
         images = place_images(images, world.device)
         unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in BRANCHES}
     if cfg.cache.store == "fused":
-        fused = cfg.stage2.w1 * unit["kps"] + cfg.stage2.w2 * unit["ce"]
-        return {"fused": fused.to(stored).cpu()}
-    return {b: unit[b].to(stored).cpu() for b in BRANCHES}
+        rows = {"fused": cfg.stage2.w1 * unit["kps"] + cfg.stage2.w2 * unit["ce"]}
+    else:
+        rows = {b: unit[b] for b in BRANCHES}
+    return {key: value.to(stored).cpu() for key, value in rows.items()}
+
+
+def _refuse_non_finite(rows: dict, where: str, cfg: Config) -> None:
+    """Embeddings are checked as they are written (on the host copy the write needs anyway)."""
+    for key in ("fused",) if cfg.cache.store == "fused" else BRANCHES:
+        if not bool(torch.isfinite(rows[key]).all()):
+            raise StageFailed(
+                f"{where}: the {key} embeddings are not finite; the backbones "
+                f"({final_checkpoint(cfg, 'ce').parent.parent}) or cache.dtype={cfg.cache.dtype} "
+                "cannot make a cache. Nothing of this part was written"
+            )
 
 
 def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Part], networks, directory):
@@ -192,6 +176,7 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
         lines = loader.split.lines[batch.indices.numpy()]
         indices = torch.from_numpy(np.searchsorted(split.lines, lines))
         rows = _embed(networks, batch.images, cfg, world)
+        _refuse_non_finite(rows, f"cache {parts[0].split} view {view} images {int(indices[0])}..", cfg)
         rows.update(labels=batch.labels.cpu().long(), indices=indices)
         writer.add(rows)
         bar.update(len(indices))
@@ -203,9 +188,9 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
 def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: list[Part]) -> list[Part]:
     """Rank 0: check the cache matches (or clear it), list the parts still to write."""
     directory = cache_dir(cfg)
-    recorded = directory / "fingerprint.json"
-    if recorded.is_file():
-        changes = describe_changes(json.loads(recorded.read_text()), fingerprint)
+    fingerprint_file = directory / "fingerprint.json"
+    if fingerprint_file.is_file():
+        changes = describe_changes(json.loads(fingerprint_file.read_text()), fingerprint)
         if changes and not rebuild:
             raise CacheError(
                 f"{directory}: this cache was made from other backbones or settings: "
@@ -215,10 +200,7 @@ def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: lis
         if changes:
             print(f"cache: replacing {directory}: {'; '.join(changes)}", flush=True)
             shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = recorded.with_name(recorded.name + ".tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1))
-    tmp.replace(recorded)
+    write_json(fingerprint_file, fingerprint)
     missing = []
     for part in parts:
         problem = shard_problem(directory / part.file)
@@ -251,15 +233,22 @@ def _write_final_manifest(cfg: Config, fingerprint: dict, parts: list[Part], dim
         "config": config_to_dict(cfg),
         "splits": splits,
     }
-    return write_manifest(directory, body)
+    manifest = write_manifest(directory, body)
+    finish_stage(cfg, "cache", [manifest])
+    return manifest
 
 
 def cache_features(cfg: Config, rebuild: bool = False) -> Path:
     """Write (or complete) the run's feature cache; returns the manifest's path."""
     world = init_world()
     try:
-        with holding(cfg.output_dir, world):
-            return _cache_features(cfg, world, rebuild)
+        with holding(cfg.output_dir, world), recorded(cfg, "cache"):
+            manifest = _cache_features(cfg, world, rebuild)
+        # Every rank past its last collective before any tears its process group down: a rank
+        # that exits while its peer's gloo threads still talk to it was seen to abort at exit
+        # ("terminate called without an active exception"), which SLURM counts as a failure.
+        dist.barrier()
+        return manifest
     finally:
         dist.destroy_process_group()
 
@@ -269,6 +258,7 @@ def _cache_features(cfg: Config, world: World, rebuild: bool) -> Path:
     splits = dataset.splits()
     parts = plan_parts(splits, cfg)
     fingerprint = rank0_decides(world, lambda: cache_fingerprint(cfg))
+    rank0_decides(world, lambda: begin_stage(cfg, "cache"))
     missing = rank0_decides(world, lambda: _prepare_directory(cfg, fingerprint, rebuild, parts))
     mine = missing[world.rank :: world.size]
     written = 0

@@ -10,7 +10,6 @@ that was interrupted resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -29,8 +28,20 @@ from ffn_dist.metrics import accuracy_report, top_k
 from ffn_dist.models import CosineHead
 from ffn_dist.models.heads import check_fusion_weights, cosine_and_norms, weight_gradient_terms
 from ffn_dist.plots import figure
+from ffn_dist.run import (
+    StageFailed,
+    begin_stage,
+    classifier_dir,
+    final_checkpoint,
+    finish_stage,
+    recorded,
+    save_torch,
+    stage_identity,
+    stage_inputs,
+    write_json,
+    write_text,
+)
 from ffn_dist.rundir import holds_run_dir
-from ffn_dist.stages.backbones import final_checkpoint, stage1_hash
 from ffn_dist.stages.cache import open_run_cache
 
 GATHER_BATCHES = 64  # batches gathered from the cache at once: fewer, larger reads
@@ -79,10 +90,6 @@ class ClassifierStep:
         return loss
 
 
-def classifier_dir(cfg: Config, w1: float) -> Path:
-    return Path(cfg.output_dir) / "classifier" / f"w1_{w1:.2f}"
-
-
 def parse_sweep(text: str) -> list[float]:
     """`w1=START:STOP:STEP` (both ends included) or `w1=A,B,C`, each in [0, 1]."""
     key, _, spec = text.partition("=")
@@ -108,7 +115,7 @@ def parse_sweep(text: str) -> list[float]:
 
 def kps_head_weight(cfg: Config) -> torch.Tensor:
     """The stage-2 classifier starts from the KPS branch's cosine head."""
-    state = load_checkpoint(final_checkpoint(cfg, "kps"), stage1_hash(cfg))
+    state = load_checkpoint(final_checkpoint(cfg, "kps"), stage_identity(cfg, "stage1"))
     return state["model"]["head.weight"]
 
 
@@ -116,13 +123,9 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * step / total))
 
 
-def _identity(cfg: Config, cache: FeatureCache, w1: float) -> str:
-    settings = dataclasses.asdict(cfg.stage2)
-    settings.pop("w1"), settings.pop("w2")
-    text = json.dumps(
-        {"seed": cfg.seed, "stage2": settings, "cache": cache.cache_id, "w1": w1}, sort_keys=True
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def at_w1(cfg: Config, w1: float) -> Config:
+    """The config with the fusion weights (w1, 1 - w1): a sweep's classifiers each have their own."""
+    return dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, w1=w1, w2=round(1.0 - w1, 6)))
 
 
 def evaluate_cached(
@@ -152,7 +155,8 @@ class ClassifierTrainer:
         w2 = round(1.0 - w1, 6)
         check_fusion_weights(w1, w2)
         out = classifier_dir(self.cfg, w1)
-        identity = _identity(self.cfg, self.cache, w1)
+        inputs = stage_inputs(at_w1(self.cfg, w1), "classifier", upstream={"cache": self.cache.cache_id})
+        identity = stage_identity(self.cfg, "classifier", inputs)
         done = out / "report.json"
         if done.is_file() and json.loads(done.read_text()).get("identity") == identity:
             print(f"classifier w1={w1:.2f}: complete in {out}, skipped", flush=True)
@@ -162,6 +166,11 @@ class ClassifierTrainer:
         for epoch in range(s2.epochs):
             tick = time.perf_counter()
             mean_loss = self.train_epoch(train_step, epoch, w1, w2)
+            if not math.isfinite(mean_loss):  # read once an epoch, for the progress line anyway
+                raise StageFailed(
+                    f"[classifier w1={w1:.2f}] the loss is {mean_loss:g} at epoch {epoch + 1}: training "
+                    f"diverged (stage2.lr {s2.lr:g}); nothing was written to {out}"
+                )
             seconds = time.perf_counter() - tick
             lr = cosine_lr(s2.lr, (epoch + 1) * steps, s2.epochs * steps)
             print(
@@ -223,16 +232,9 @@ class ClassifierTrainer:
         return total.item() / steps
 
     def _save(self, out: Path, head: CosineHead, report: dict) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        weights = out / "classifier.pt"
-        tmp = weights.with_name(weights.name + ".tmp")
         weight = head.weight.detach().cpu().clone()
-        torch.save({"weight": weight, "w1": report["w1"], "w2": report["w2"]}, tmp)
-        tmp.replace(weights)
-        body = out / "report.json"  # written last: its identity marks the classifier complete
-        tmp = body.with_name(body.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(body)
+        save_torch(out / "classifier.pt", {"weight": weight, "w1": report["w1"], "w2": report["w2"]})
+        write_json(out / "report.json", report)  # written last: its identity marks it complete
 
 
 def val_choice(reports: list[dict]) -> dict | None:
@@ -270,25 +272,34 @@ def plot_sweep(reports: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
 
 
-@holds_run_dir
-def train_classifier(cfg: Config, sweep: list[float] | None = None) -> list[dict]:
-    """The configured classifier, or one per w1 of `sweep` (plus its table and plot)."""
+def _fit_all(cfg: Config, trainer: ClassifierTrainer, sweep: list[float] | None) -> list[dict]:
+    """The sweep's reports; the configured w1 is trained too where the sweep leaves it out."""
     from torch.utils.tensorboard import SummaryWriter
 
-    cache = open_run_cache(cfg)
-    writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "classifier"))
-    trainer = ClassifierTrainer(cfg, cache, kps_head_weight(cfg), writer)
-    try:
-        reports = [trainer.fit(w1) for w1 in (sweep or [cfg.stage2.w1])]
-    finally:
-        writer.close()
+    with SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "classifier")) as writer:
+        trainer.writer = writer
+        reports = [trainer.fit(w1) for w1 in sweep or []]
+        if cfg.stage2.w1 not in (sweep or []):
+            configured = trainer.fit(cfg.stage2.w1)
+            reports = reports or [configured]
+    return reports
+
+
+@holds_run_dir
+def train_classifier(cfg: Config, sweep: list[float] | None = None) -> list[dict]:
+    """The configured classifier (the stage), and one per w1 of `sweep` (plus its table and
+    plot)."""
+    with recorded(cfg, "classifier"):
+        begin_stage(cfg, "classifier")
+        cache = open_run_cache(cfg)
+        reports = _fit_all(cfg, ClassifierTrainer(cfg, cache, kps_head_weight(cfg)), sweep)
+        out = classifier_dir(cfg, cfg.stage2.w1)
+        finish_stage(cfg, "classifier", [out / "classifier.pt", out / "report.json"])
     if sweep:
         out = Path(cfg.output_dir) / "classifier"
         table = sweep_table(reports)
-        (out / "sweep.md").write_text(table + "\n")
-        (out / "sweep.json").write_text(
-            json.dumps([{k: r.get(k) for k in ("w1", "w2", "val", "test")} for r in reports])
-        )
+        write_text(out / "sweep.md", table + "\n")
+        write_json(out / "sweep.json", [{k: r.get(k) for k in ("w1", "w2", "val", "test")} for r in reports])
         plot_sweep(reports, out / "sweep.png", f"{cfg.name}: fusion sweep")
         print(f"\nfusion sweep, test accuracy (%):\n{table}\n(table, JSON and plot in {out})", flush=True)
     return reports

@@ -17,16 +17,22 @@ import numpy as np
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.plots import figure
+from ffn_dist.run import (
+    begin_stage,
+    branch_dir,
+    classifier_dir,
+    config_id,
+    finish_stage,
+    methods_dir,
+    recorded,
+    report_dir,
+    write_json,
+    write_text,
+)
 from ffn_dist.rundir import holds_run_dir
-from ffn_dist.stages.backbones import branch_dir
-from ffn_dist.stages.classifier import classifier_dir
 
 COLUMNS = ("top1", "top5", "many", "medium", "few", "head", "tail")
 TSNE_POINTS = 2000
-
-
-def report_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "report"
 
 
 def _read(path: Path, produced_by: str) -> dict:
@@ -43,7 +49,7 @@ def collect_results(cfg: Config) -> dict:
         "KPS": stage1["kps"]["test"],
         f"FFN (w1={cfg.stage2.w1:g})": ffn["test"],
     }
-    compared = Path(cfg.output_dir) / "classifier" / "methods" / "methods.json"
+    compared = methods_dir(cfg) / "methods.json"
     if compared.is_file():  # `ffn train-classifier --methods`: the one chosen on val beside them
         body = json.loads(compared.read_text())
         best = body.get("best_on_val")
@@ -52,7 +58,12 @@ def collect_results(cfg: Config) -> dict:
                 r for r in body["rows"] if (r["method"], r["features"]) == (best["method"], best["features"])
             )
             methods[f"{best['method']} on {best['features']} features (best on val)"] = row["test"]
-    results = {"name": cfg.name, "train_counts": stage1["ce"]["train_counts"], "methods": methods}
+    results = {
+        "name": cfg.name,
+        "config": config_id(cfg),  # configs/ID.yaml in the run directory: the settings behind it
+        "train_counts": stage1["ce"]["train_counts"],
+        "methods": methods,
+    }
     sweep = Path(cfg.output_dir) / "classifier" / "sweep.json"
     if sweep.is_file():
         results["sweep"] = json.loads(sweep.read_text())
@@ -109,14 +120,25 @@ def plot_tsne(cfg: Config, path: Path) -> None:
 
 @holds_run_dir
 def evaluate_run(cfg: Config, tsne: bool = False) -> dict:
+    with recorded(cfg, "evaluate"):
+        begin_stage(cfg, "evaluate")
+        results = _evaluate(cfg, tsne)
+        finish_stage(cfg, "evaluate", [report_dir(cfg) / "report.json"])
+    return results
+
+
+def _evaluate(cfg: Config, tsne: bool) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     results = collect_results(cfg)
     out = report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results["methods"])
-    (out / "report.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(f"# {cfg.name}: test accuracy (%)\n\n{table}\n")
+    write_json(out / "report.json", results)
+    write_text(
+        out / "report.md",
+        f"# {cfg.name}: test accuracy (%)\n\n{table}\n\nConfig: configs/{results['config']}.yaml "
+        "in the run directory.\n",
+    )
     plot_per_class(results, out / "per_class.png")
     if tsne:
         plot_tsne(cfg, out / "tsne.png")

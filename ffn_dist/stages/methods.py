@@ -38,9 +38,10 @@ from ffn_dist.cache.store import CachedSplit, FeatureCache
 from ffn_dist.config import Config
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
+from ffn_dist.models import LinearForm
 from ffn_dist.plots import figure
+from ffn_dist.run import branch_dir, classifier_dir, methods_dir, save_torch, write_json, write_text
 from ffn_dist.rundir import holds_run_dir
-from ffn_dist.stages.backbones import branch_dir
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.classifier import (
     GATHER_BATCHES,
@@ -176,16 +177,17 @@ class Methods:
             if name in self.cache.splits
         }
 
-    def choose(self, family, grid: list[float], default: float, source: Source) -> tuple[float, dict]:
-        """The grid value with the best val top-1 (the first, on a tie), or the default."""
+    def choose(self, family, grid: list[float], default: float, source: Source) -> tuple[float, LinearForm]:
+        """The grid value with the best val top-1 (the first, on a tie), or the default; and
+        its classifier."""
         if self.select_on is None:
-            return default, self.report(family(default), source)
+            return default, family(default)
         split = self.cache.splits[self.select_on]
         scores = [
             evaluate_cached(family(v), split, source.w1, self.counts, self.device)["top1"] for v in grid
         ]
         best = grid[int(np.argmax(scores))]
-        return best, self.report(family(best), source)
+        return best, family(best)
 
     def fused_w1(self) -> float:
         """w1 of the fused source: FFN's sweep chosen on val, else the config's."""
@@ -194,46 +196,57 @@ class Methods:
         return val_choice([self.ffn.fit(w1) for w1 in W1_GRID])["w1"]
 
     # -- the methods ----------------------------------------------------------------------
-    def run(self, method: str, source: Source, erm: tuple | None) -> dict:
-        """{'test': .., 'val': .., 'chosen': {..}} of `method` on `source`, or None where it
-        does not apply."""
+    def run(self, method: str, source: Source, erm: tuple | None) -> dict | None:
+        """{'test': .., 'val': .., 'chosen': {..}, 'form': LinearForm or None} of `method` on
+        `source`, or None where it does not apply. The form is the classifier as one layer
+        (what `ffn export` puts behind the backbones)."""
         if method == "ffn":
             report = self.ffn.fit(source.w1)
-            return {"test": report["test"], "val": report.get("val"), "chosen": {"w1": source.w1}}
+            saved = torch.load(classifier_dir(self.cfg, source.w1) / "classifier.pt", weights_only=True)
+            form = LinearForm.cosine(saved["weight"])
+            return {
+                "test": report["test"],
+                "val": report.get("val"),
+                "chosen": {"w1": source.w1},
+                "form": form,
+            }
         if method == "joint":
             return self.joint(source)
         if method == "ncm":
-            means = self.class_means(source)
-            return {**self.report(lambda z: F.normalize(z, dim=1) @ means.t(), source), "chosen": {}}
+            return self.evaluated(LinearForm(self.class_means(source), normalize_input=True), source)
         if method in ("erm", "crt"):
             weight, bias = erm if method == "erm" else self.linear(source, "balanced")
-            return {**self.report(lambda z: F.linear(z, weight, bias), source), "chosen": {}}
+            return self.evaluated(LinearForm(weight, bias), source)
         weight, bias = erm
         if method == "lws":
             scales = self.lws_scales(source, weight, bias)
-            return {**self.report(lambda z: F.linear(z, weight, bias) * scales, source), "chosen": {}}
+            return self.evaluated(LinearForm(weight * scales[:, None], bias * scales), source)
         if method == "tau_norm":
 
             def family(tau):
-                normed = weight / weight.norm(dim=1, keepdim=True).pow(tau)
-                return lambda z: z @ normed.t()
+                return LinearForm(weight / weight.norm(dim=1, keepdim=True).pow(tau))
 
         else:
             log_prior = self.log_prior.to(self.device)
 
             def family(tau):
-                return lambda z: F.linear(z, weight, bias) - tau * log_prior
+                return LinearForm(weight, bias - tau * log_prior)
 
-        tau, report = self.choose(family, TAU_GRIDS[method], DEFAULT_TAU[method], source)
-        return {**report, "chosen": {"tau": tau}}
+        tau, form = self.choose(family, TAU_GRIDS[method], DEFAULT_TAU[method], source)
+        return self.evaluated(form.to(self.device), source, {"tau": tau})
+
+    def evaluated(self, form: LinearForm, source: Source, chosen: dict | None = None) -> dict:
+        form = form.to(self.device)
+        return {**self.report(form, source), "chosen": chosen or {}, "form": form}
 
     def joint(self, source: Source) -> dict | None:
         if source.name == "kps":  # its cosine head is blind to the embedding's norm: exact
-            head = F.normalize(kps_head_weight(self.cfg).float(), dim=1).to(self.device)
-            return {**self.report(lambda z: F.normalize(z, dim=1) @ head.t(), source), "chosen": {}}
+            head = F.normalize(kps_head_weight(self.cfg).float(), dim=1)
+            return self.evaluated(LinearForm(head, normalize_input=True), source)
         if source.name == "ce":  # its linear head needs the norm the cache does not keep
             stage1 = json.loads((branch_dir(self.cfg, "ce") / "report.json").read_text())
-            return {"test": stage1["test"], "val": None, "chosen": {}, "note": "stage 1's own evaluation"}
+            note = "stage 1's own evaluation"
+            return {"test": stage1["test"], "val": None, "chosen": {}, "note": note, "form": None}
         return None
 
 
@@ -254,10 +267,6 @@ def _identity(cfg: Config, cache: FeatureCache, method: str, source: Source, sel
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def methods_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "classifier" / "methods"
-
-
 @holds_run_dir
 def train_methods(cfg: Config, methods: list[str], select: str = "auto") -> dict:
     """`ffn train-classifier CONFIG --methods ...` on the run's cache."""
@@ -272,9 +281,17 @@ def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], select
     runner = Methods(cfg, cache, select_on)
     out = methods_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    sources = [Source("ce", 0.0), Source("kps", 1.0), Source("fused", runner.fused_w1())]
     if cache.manifest["store"] == "fused":  # only z = w1 f̂_kps + w2 f̂_ce at the cached w1
-        sources = [Source("fused", cache.manifest["fusion"]["w1"])]
+        w1 = cache.manifest["fusion"]["w1"]
+        sources = [Source("fused", w1)]
+        print(
+            f"[methods] this cache stores only the fused embedding at w1={w1:g} (cache.store=fused): "
+            "the methods run on it alone; CE and KPS features and a w1 chosen on val need "
+            "cache.store: normalized",
+            flush=True,
+        )
+    else:
+        sources = [Source("ce", 0.0), Source("kps", 1.0), Source("fused", runner.fused_w1())]
     wanted = [*methods, *(["erm"] if set(methods) & set(POST_HOC) and "erm" not in methods else [])]
     rows = []
     for source in sources:
@@ -290,16 +307,23 @@ def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], select
                 result = runner.run(method, source, erm)
                 if result is None:
                     continue
-                row = {"identity": identity, "method": method, "features": source.name, **result}
+                form = result.pop("form")
+                if form is not None:  # the classifier itself, for `ffn export --method`
+                    save_torch(path.with_suffix(".pt"), form.state())
+                row = {
+                    "identity": identity,
+                    "method": method,
+                    "features": source.name,
+                    "w1": source.w1,
+                    **result,
+                }
                 row["chosen"] = {**row["chosen"], "selected_on": select_on or "published defaults"}
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(row, indent=1))
-                tmp.replace(path)
+                write_json(path, row)
             rows.append(row)
             print(f"[methods] {method:<16} {source.name:<5} test top-1 {row['test']['top1']:.2f}", flush=True)
     body = summarise(rows, select_on, time.perf_counter() - start)
-    (out / "methods.json").write_text(json.dumps(body, indent=1))
-    (out / "methods.md").write_text(body["table"] + "\n")
+    write_json(out / "methods.json", body)
+    write_text(out / "methods.md", body["table"] + "\n")
     plot_methods(rows, out / "methods.png", f"{cfg.name}: classifier methods on the cache")
     print(f"\n{body['table']}\n(table, JSON and plot in {out})", flush=True)
     return body

@@ -1,72 +1,60 @@
-"""`ffn run CONFIG`: the stages in order, each skipped when its outputs are complete.
+"""`ffn run CONFIG`: the run's stages (`run.STAGES`) in order, each skipped when complete.
 
-Stage 1 and the feature cache run under torchrun with `dist.nproc` processes, started here,
-so that one command on one machine does what the SLURM launcher does across nodes; the
-classifier (seconds per epoch on the cache) and the report run in this process.
+The config is read once, here, and frozen to `output_dir/config.yaml`; every stage runs from
+that file. Stages of all processes (stage 1, the feature cache) run under torchrun with
+`dist.nproc` processes, started here, so that one command on one machine does what the
+SLURM launcher does across nodes; the others (the data check, the classifier: seconds per
+epoch on the cache, the report) run in this process.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-from ffn_dist.cache.store import read_manifest
-from ffn_dist.checkpoint import list_checkpoints
 from ffn_dist.config import Config
-from ffn_dist.distributed import BRANCHES, visible_gpus
+from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
+from ffn_dist.run import (
+    STAGES,
+    Stage,
+    load_run_config,
+    note_end,
+    report_dir,
+    run_dir,
+    run_stage,
+    stage_state,
+    start_run,
+)
 from ffn_dist.rundir import holding
-from ffn_dist.stages.backbones import branch_dir, refuse_other_config
-from ffn_dist.stages.cache import cache_dir, open_run_cache
-from ffn_dist.stages.classifier import train_classifier
-from ffn_dist.stages.evaluate import evaluate_run
-from ffn_dist.stages.prepare import prepare
 from ffn_dist.stopping import run_group
 
 
-def stage1_complete(cfg: Config) -> bool:
-    for branch in BRANCHES:
-        found = list_checkpoints(branch_dir(cfg, branch))
-        if (
-            not found
-            or found[-1][0] < cfg.stage1.epochs
-            or not (branch_dir(cfg, branch) / "report.json").is_file()
-        ):
-            return False
-    return True
-
-
-def cache_complete(cfg: Config) -> bool:
-    try:
-        open_run_cache(cfg)
-    except FFNError as exc:
-        if read_manifest(cache_dir(cfg)) is not None:
-            print(f"cache: {exc}", flush=True)
-        return False
-    return True
-
-
-def torchrun(cfg: Config, command: str, config_path: str, overrides: list[str], *extra: str) -> None:
-    """`command` under torchrun on this machine, `dist.nproc` processes."""
+def torchrun(cfg: Config, stage: Stage) -> None:
+    """One stage of the run under torchrun on this machine, `dist.nproc` processes, each
+    reading the frozen config."""
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "ffn_dist.torchrun",
         "--standalone",
         f"--nproc-per-node={cfg.dist.nproc}",
         "-m",
         "ffn_dist.cli",
-        command,
-        config_path,
-        *overrides,
-        *extra,
+        "stage",
+        stage.name,
+        str(run_dir(cfg)),
     ]
-    print(f"{command}: {' '.join(cmd[2:])}", flush=True)
-    if run_group(cmd) != 0:  # argument list, no shell: nothing is interpolated
-        raise FFNError(f"{command} failed; its output is above (run directory {cfg.output_dir})")
+    print(f"{stage.name}: {' '.join(cmd[2:])}", flush=True)
+    status = run_group(cmd)  # argument list, no shell: nothing is interpolated
+    if status != 0:
+        note_end(cfg, stage.name, "failed", error=f"its processes exited with status {status}")
+        raise FFNError(
+            f"{stage.name} failed (exit status {status}); the run stops here. `ffn status` says why"
+        )
 
 
 def stage1_layout(cfg: Config) -> str:
@@ -88,35 +76,32 @@ def timed(seconds: dict, stage: str):
         seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - start, 1)
 
 
-def run_pipeline(cfg: Config, config_path: str, overrides: list[str]) -> dict:
+def run_pipeline(cfg: Config) -> dict:
     """Every stage in order; returns the report's results with the wall time of each stage.
     The run directory is held throughout; the stages' processes share the hold."""
     layout = stage1_layout(cfg)
     with holding(cfg.output_dir):
-        refuse_other_config(cfg)
-        return _run_stages(cfg, config_path, overrides, layout)
-
-
-def _run_stages(cfg: Config, config_path: str, overrides: list[str], layout: str) -> dict:
-    seconds = {}
-    with timed(seconds, "data"):
-        prepare(cfg)
-    with timed(seconds, "stage1"):
-        if stage1_complete(cfg):
-            print(f"stage 1: complete in {Path(cfg.output_dir) / 'stage1'}, skipped", flush=True)
-        else:
-            print(f"stage 1: {layout}", flush=True)
-            torchrun(cfg, "train-backbones", config_path, overrides)
-    with timed(seconds, "cache"):
-        if cache_complete(cfg):
-            print(f"cache: complete in {cache_dir(cfg)}, skipped", flush=True)
-        else:
-            # A cache made from older backbones or settings is replaced, not refused: stage 1
-            # or the config changed on purpose, and the fingerprint says how.
-            torchrun(cfg, "cache-features", config_path, overrides, "--rebuild")
-    with timed(seconds, "classifier"):
-        train_classifier(cfg)
-    with timed(seconds, "evaluate"):
-        results = evaluate_run(cfg)
-    print("wall time per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), flush=True)
+        frozen = load_run_config(start_run(cfg).parent)  # from here on, the run's own file
+        print(f"stage 1 layout: {layout}", flush=True)
+        seconds = _run_stages(frozen)
+    results = json.loads((report_dir(cfg) / "report.json").read_text())
     return {**results, "seconds": seconds}
+
+
+def _run_stages(cfg: Config) -> dict:
+    seconds = {}
+    for stage in STAGES:
+        with timed(seconds, stage.name):
+            if not stage.always:
+                state, detail = stage_state(cfg, stage.name)
+                if state == "complete":
+                    print(f"{stage.name}: complete, skipped", flush=True)
+                    continue
+                if state in ("stale", "failed"):
+                    print(f"{stage.name}: runs again ({state}: {detail})", flush=True)
+            if stage.processes == "all":
+                torchrun(cfg, stage)
+            else:
+                run_stage(cfg, stage.name)
+    print("wall time per stage (s): " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()), flush=True)
+    return seconds

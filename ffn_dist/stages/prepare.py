@@ -1,14 +1,13 @@
-"""The data stage of a run: write the resolved config, check the splits, print their statistics."""
+"""The data stage of a run: check the splits (and that the memory backend fits), print and
+record their statistics."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ffn_dist.config import Config, save_config
+from ffn_dist.config import Config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.splits import split_stats
 from ffn_dist.data.transforms import TransformSpec
+from ffn_dist.run import begin_stage, finish_stage, recorded, run_dir, write_json
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
@@ -43,11 +42,12 @@ def check_memory_backend(cfg: Config, dataset: Dataset) -> None:
 
 
 def prepare(cfg: Config) -> Dataset:
-    run_dir = Path(cfg.output_dir)
-    dataset = open_dataset(cfg.data)
-    check_memory_backend(cfg, dataset)
-    save_config(cfg, run_dir / "config.yaml")
-    stats = {name: split_stats(split) for name, split in dataset.splits().items()}
-    print(format_stats_table(stats), flush=True)
-    (run_dir / "data_report.json").write_text(json.dumps({"splits": stats}, indent=2))
+    with recorded(cfg, "data"):
+        dataset = open_dataset(cfg.data)  # writes a built-in dataset first: before its hashes
+        check_memory_backend(cfg, dataset)
+        begin_stage(cfg, "data")
+        stats = {name: split_stats(split) for name, split in dataset.splits().items()}
+        print(format_stats_table(stats), flush=True)
+        report = write_json(run_dir(cfg) / "data_report.json", {"splits": stats})
+        finish_stage(cfg, "data", [report])
     return dataset
