@@ -1,4 +1,12 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version lives in one place: ffn_dist/__init__.py (what `ffn --version` prints).
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', Path(__file__).with_name("ffn_dist").joinpath("__init__.py").read_text()
+)[1]
 
 # The ranges the code supports: torch 2.11 (the stock CUDA images) through 2.14, the release
 # this project pins for its own installs (scripts/constraints.txt). The DALI wheel is the
@@ -24,7 +32,8 @@ INSTALL_REQUIRES = [
 
 setup(
     name="ffn-dist",
-    version="0.1.0",
+    version=VERSION,
+    license="Apache-2.0",
     description="Distributed Feature Fusion Network (FFN) for long-tailed recognition",
     python_requires=">=3.10",
     # launchers/ and configs/ stay at the top of the repository and install inside the package.
@@ -32,6 +41,6 @@ setup(
     package_dir={"ffn_dist.launchers": "launchers", "ffn_dist.configs": "configs"},
     package_data={"ffn_dist.launchers": ["*.sh"], "ffn_dist.configs": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "psutil>=5.9"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "psutil>=5.9", "mkdocs-material>=9.5"]},
     entry_points={"console_scripts": ["ffn=ffn_dist.cli:main"]},
 )

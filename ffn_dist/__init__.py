@@ -1,3 +1,3 @@
 """ffn-dist: the Feature Fusion Network for long-tailed recognition, distributed."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,9 +135,10 @@ def cmd_status(args) -> int:
 def cmd_show_config(args) -> int:
     import yaml
 
-    from ffn_dist.config import config_to_dict
+    from ffn_dist.config import config_to_dict, explain
 
-    print(yaml.safe_dump(config_to_dict(_config(args)), sort_keys=False), end="")
+    cfg = _config(args)
+    print(explain(cfg) if args.explain else yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     return 0
 
 
@@ -298,9 +300,11 @@ def _add_config_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ffn_dist import __version__
     from ffn_dist.run import STAGES
 
     parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
+    parser.add_argument("--version", action="version", version=f"ffn-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="the whole pipeline: data, stage 1, feature cache, classifier, report")
@@ -402,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show-config", help="print the fully resolved config")
     _add_config_args(show)
+    show.add_argument("--explain", action="store_true", help="with what each setting accepts and means")
     show.set_defaults(func=cmd_show_config)
 
     splits = sub.add_parser("splits", help="inspect, build and verify split files")
@@ -573,6 +578,9 @@ def main(argv=None) -> int:
     except Terminated as stop:
         print(f"stopped by {stop}; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
+    except BrokenPipeError:  # the reader stopped reading (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if not _lost_peer(exc):
             raise

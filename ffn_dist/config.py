@@ -2,7 +2,9 @@
 
 Every field carries its default and what values it accepts; `load_config` refuses unknown
 keys (suggesting the nearest valid one), wrong types and out-of-range values, naming the
-key's full dotted path. `configs/*.yaml` are the readable defaults for each setting.
+key's full dotted path. `configs/*.yaml` are the readable defaults for each setting; each
+field's `doc` is what `ffn show-config CONFIG --explain` prints and what the configuration
+reference of the documentation is generated from (`settings_reference`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class ConfigError(FFNError):
 
 
 def opt(default, *, choices=None, ge=None, gt=None, le=None, doc=""):
-    """A config field with its allowed values; `doc` is shown by `ffn config --help`."""
+    """A config field with its allowed values and what it means (`doc`)."""
     meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -43,7 +45,7 @@ class DataConfig:
     train_split: str = opt("train.txt", doc="split file, relative to root unless absolute")
     val_split: str | None = opt(None, doc="optional validation split file")
     test_split: str = opt("test.txt", doc="split file the reports are computed on")
-    num_classes: int = opt(10, ge=1)
+    num_classes: int = opt(10, ge=1, doc="labels are 0..num_classes-1 in every split file")
     backend: str = opt(
         "dali",
         choices=["dali", "torch", "memory"],
@@ -87,7 +89,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("resnet32", choices=["resnet32", "resnet50"])
+    arch: str = opt(
+        "resnet32", choices=["resnet32", "resnet50"], doc="both backbones: ResNet-32 (CIFAR) or ResNet-50"
+    )
     precision: str = opt(
         "auto", choices=["auto", "fp32", "bf16"], doc="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
@@ -95,18 +99,18 @@ class ModelConfig:
 
 @dataclass
 class Stage1Config:
-    epochs: int = opt(200, ge=1)
+    epochs: int = opt(200, ge=1, doc="training epochs of both backbones")
     lr: float = opt(0.1, gt=0.0, doc="per-process base learning rate")
-    momentum: float = opt(0.9, ge=0.0, le=1.0)
-    weight_decay: float = opt(2e-4, ge=0.0)
+    momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
+    weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
     warmup_epochs: int = opt(5, ge=0, doc="linear warm-up length")
     lr_milestones: list[float] = opt(
         [160, 180], doc="epochs (may be fractional) at which lr_factors take effect"
     )
     lr_factors: list[float] = opt([0.1, 0.01], doc="lr multipliers (of the base lr)")
     mixup_alpha: float = opt(1.0, ge=0.0, doc="0 switches mixup off")
-    kps_max_m: float = opt(0.2, ge=0.0)
-    kps_s: float = opt(15.0, gt=0.0)
+    kps_max_m: float = opt(0.2, ge=0.0, doc="KPS: the rarest class's margin")
+    kps_s: float = opt(15.0, gt=0.0, doc="KPS: the logit scale s")
     kps_ga_epoch: int = opt(120, ge=0, doc="epoch from which KPS uses per-class scales")
     scale_lr: bool = opt(
         False, doc="lr x group size: the base lr is for one process's batch (linear scaling rule)"
@@ -130,15 +134,15 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    epochs: int = opt(30, ge=1)
-    batch_size: int = opt(64, ge=1)
-    lr: float = opt(0.1, gt=0.0)
-    momentum: float = opt(0.9, ge=0.0, le=1.0)
-    weight_decay: float = opt(2e-4, ge=0.0)
+    epochs: int = opt(30, ge=1, doc="classifier epochs on the cache")
+    batch_size: int = opt(64, ge=1, doc="rows per classifier step")
+    lr: float = opt(0.1, gt=0.0, doc="base learning rate (cosine decay)")
+    momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
+    weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
     w1: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the KPS branch")
     w2: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the CE branch")
-    ldam_max_m: float = opt(0.5, ge=0.0)
-    ldam_s: float = opt(30.0, gt=0.0)
+    ldam_max_m: float = opt(0.5, ge=0.0, doc="LDAM: the rarest class's margin")
+    ldam_s: float = opt(30.0, gt=0.0, doc="LDAM: the logit scale s")
     device: str = opt(
         "auto",
         choices=["auto", "cpu", "cuda"],
@@ -163,14 +167,14 @@ class CacheConfig:
         choices=["normalized", "fused"],
         doc="normalized: both branches' unit embeddings (w1 can change later); fused: only z (half the size)",
     )
-    dtype: str = opt("fp16", choices=["fp16", "fp32"])
+    dtype: str = opt("fp16", choices=["fp16", "fp32"], doc="how embeddings are stored")
     shard_rows: int = opt(16384, ge=1, doc="rows per shard file; a shard is the unit of resume")
     batch_size: int = opt(256, ge=1, doc="images per forward pass while extracting")
 
 
 @dataclass
 class DistConfig:
-    engine: str = opt("ddp", choices=["ddp", "deepspeed"])
+    engine: str = opt("ddp", choices=["ddp", "deepspeed"], doc="data parallelism inside each branch's group")
     nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
     kps_ranks: int | None = opt(None, ge=1, doc="ranks for the KPS group (default: half)")
     zero_stage: int = opt(0, ge=0, le=2, doc="DeepSpeed ZeRO stage")
@@ -181,8 +185,8 @@ class LaunchConfig:
     """SLURM resources for `ffn submit`; each can also be set on its command line."""
 
     partition: str | None = opt(None, doc="SLURM partition (default: the cluster's)")
-    account: str | None = opt(None)
-    qos: str | None = opt(None)
+    account: str | None = opt(None, doc="SLURM account to charge")
+    qos: str | None = opt(None, doc="SLURM quality of service")
     constraint: str | None = opt(None, doc="e.g. a GPU model feature")
     nodes: int = opt(1, ge=1, doc="nodes for stage 1 and the cache job")
     gpus_per_node: int = opt(0, ge=0, doc="0: CPU tasks, dist.nproc per node")
@@ -190,7 +194,7 @@ class LaunchConfig:
     mem_gb: int | None = opt(None, ge=1, doc="memory per node")
     data_minutes: int = opt(30, ge=1, doc="time limit of the data check (split files, statistics)")
     stage1_minutes: int = opt(2880, ge=1, doc="time limit of one stage-1 allocation; it requeues past it")
-    cache_minutes: int = opt(240, ge=1)
+    cache_minutes: int = opt(240, ge=1, doc="time limit of the feature-cache job")
     classifier_minutes: int = opt(120, ge=1, doc="time limit of the classifier and the report")
     signal_delay_s: int = opt(120, ge=1, doc="USR2 this long before the time limit: checkpoint and requeue")
     max_requeues: int = opt(5, ge=0, doc="preemptions/time-outs a stage may requeue after")
@@ -207,9 +211,9 @@ class LaunchConfig:
 
 @dataclass
 class Config:
-    name: str = opt("demo")
+    name: str = opt("demo", doc="the run's name, in reports, plots and SLURM job names")
     output_dir: str = opt("runs/demo", doc="run directory: resolved config, logs, outputs")
-    seed: int = opt(0, ge=0)
+    seed: int = opt(0, ge=0, doc="drives initialisation, sampling, augmentation and mixup of every stage")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -360,6 +364,66 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+def _allowed(tp, meta: dict) -> str:
+    if meta.get("choices"):
+        return ", ".join(map(str, meta["choices"]))
+    bounds = [
+        f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None
+    ]
+    return " and ".join([_type_name(tp), *bounds]) if bounds else _type_name(tp)
+
+
+def _shown(value) -> str:
+    """A value as YAML writes it in one line (`null`, `[0.5, 0.5]`)."""
+    return yaml.safe_dump(value, default_flow_style=True).split("\n...")[0].strip()
+
+
+def describe_settings(cfg: Config | None = None) -> list[dict]:
+    """Every setting of the schema, in order: key, value (of `cfg`, else the default),
+    allowed values and what it means."""
+    cfg = cfg if cfg is not None else Config()
+    rows = []
+
+    def walk(node, prefix: str) -> None:
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            allowed = _allowed(hints[f.name], f.metadata)
+            rows.append(
+                {"key": prefix + f.name, "value": value, "allowed": allowed, "doc": f.metadata.get("doc", "")}
+            )
+
+    walk(cfg, "")
+    return rows
+
+
+def explain(cfg: Config) -> str:
+    """`ffn show-config CONFIG --explain`: each setting's value, what it accepts, what it means."""
+    lines = []
+    for row in describe_settings(cfg):
+        doc = f"  # {row['doc']}" if row["doc"] else ""
+        lines.append(f"{row['key']}: {_shown(row['value'])}{doc}")
+        lines.append(f"    allowed: {row['allowed']}")
+    return "\n".join(lines)
+
+
+def settings_reference() -> str:
+    """The configuration reference of the documentation: a Markdown table per section."""
+    out, section = [], None
+    for row in describe_settings():
+        head = row["key"].split(".")[0] if "." in row["key"] else "run"
+        if head != section:
+            section = head
+            out += ["", f"### `{section}`", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        default = _shown(row["value"])
+        cells = [f"`{row['key']}`", f"`{default}`", row["allowed"], row["doc"].replace("|", "\\|")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out).strip() + "\n"
 
 
 def config_to_dict(cfg: Config) -> dict:

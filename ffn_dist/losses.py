@@ -1,4 +1,4 @@
-"""The losses of FFN, exactly as spec/FFN.md section 2 defines them.
+"""The losses of FFN, exactly as docs/method.md states them.
 
 Every per-class quantity (KPS factors and margins, LDAM margins, DRW weights) is a function
 of the class's training count alone, never of the order of class indices, so the losses are

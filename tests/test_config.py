@@ -136,3 +136,25 @@ def test_overrides_may_follow_a_command_option(capsys):
         with pytest.raises(SystemExit):
             parse(["train-backbones", "c.yaml", "--branch", "kps", stray])
         assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
+def test_every_setting_is_explained_and_in_the_reference():
+    from ffn_dist.config import describe_settings, settings_reference
+
+    rows = describe_settings()
+    assert rows and all(row["doc"] for row in rows), [row["key"] for row in rows if not row["doc"]]
+    reference = settings_reference()
+    assert all(f"| `{row['key']}` |" in reference for row in rows)
+    assert (
+        "| `stage2.w1` | `0.5` | float and >= 0.0 and <= 1.0 | fusion weight of the KPS branch |" in reference
+    )
+
+
+def test_show_config_explain_and_version(tmp_path):
+    from tests.conftest import run_ffn
+
+    shown = run_ffn("show-config", "demo", "stage1.lr=0.05", "--explain")
+    assert shown.returncode == 0, shown.stderr
+    assert "stage1.lr: 0.05  # per-process base learning rate\n    allowed: float and > 0.0" in shown.stdout
+    version = run_ffn("--version")
+    assert version.returncode == 0 and version.stdout.strip().startswith("ffn-dist ")

@@ -1,4 +1,4 @@
-"""Each loss against an independent float64 re-computation of spec/FFN.md section 2."""
+"""Each loss against an independent float64 re-computation of docs/method.md."""
 
 import math
 

@@ -1,12 +1,12 @@
 """`ffn bench accuracy`: FFN on CIFAR-10-LT (IF 100) built from real CIFAR-10 JPEGs.
 
-Builds the long-tailed split (spec/FFN.md section 3: exactly 12,406 training images) from
+Builds the long-tailed split (docs/method.md, data: exactly 12,406 training images) from
 `cifar10-jpeg.tar.gz`, runs the whole pipeline with the chosen stage-1 schedule, sweeps the
 fusion weight w1 over 0..1 (its endpoints are the fair single-branch baselines: the same
 stage-2 classifier on one branch's features), and reports CE alone, KPS alone, FFN at the
 recipe's w1 and the sweep, as JSON and Markdown.
 
-Schedules: `paper` is FFN.md section 4 (200 epochs: a GPU job); `cpu` is 11 epochs, linear
+Schedules: `paper` is the recipe of docs/method.md (200 epochs: a GPU job); `cpu` is 11 epochs, linear
 warm-up over the first, x0.1 at 80% and x0.01 at 90% of training, KPS per-class scale from
 60%, both branches concurrently (one process each): about half an hour on a 2-core CPU.
 """

@@ -1,4 +1,4 @@
-"""Classifier heads and the fused embedding of FFN (spec/FFN.md section 1).
+"""Classifier heads and the fused embedding of FFN (docs/method.md, stage 2).
 
 CE branch: a plain linear head. KPS branch and the stage-2 classifier: a cosine head,
 `normalize(f) @ normalize(W, dim=0)`. Because the cosine head is linear in the normalised

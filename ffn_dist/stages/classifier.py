@@ -2,7 +2,7 @@
 
 A cosine classifier initialised from the KPS head, trained with the LDAM loss on the fused
 embeddings z = w1*f̂_kps + w2*f̂_ce read from the cache, class-balanced re-sampling, SGD and
-cosine decay (spec/FFN.md section 1). One classifier per fusion weight, each in its own
+cosine decay (docs/method.md, stage 2). One classifier per fusion weight, each in its own
 directory; a finished one (same settings, same cache) is not trained again, so a sweep
 that was interrupted resumes where it stopped.
 """
