@@ -8,11 +8,12 @@ VERSION = re.search(
     r'__version__ = "([^"]+)"', Path(__file__).with_name("ffn_dist").joinpath("__init__.py").read_text()
 )[1]
 
-# The ranges the code supports: torch 2.11 (the stock CUDA images) through 2.14, the release
-# this project pins for its own installs (scripts/constraints.txt). The DALI wheel is the
-# CUDA-12 build, which also runs CPU-only.
+# The ranges the code supports: torch 2.11 (the stock CUDA images; CI runs the
+# version-dependent tests on it, scripts/constraints-lower.txt) through 2.15 (the suite passed
+# on 2.15.0 with torchvision 0.29.2); scripts/constraints.txt pins the release CI runs.
+# The DALI wheel is the CUDA-12 build, which also runs CPU-only.
 INSTALL_REQUIRES = [
-    "torch>=2.11,<2.15",
+    "torch>=2.11,<2.16",
     "torchvision>=0.26,<0.30",
     "nvidia-dali-cuda120>=2.4",
     "deepspeed>=0.19",
