@@ -167,6 +167,11 @@ def test_export_of_another_method_gives_its_row_in_methods_json(exported, tmp_pa
     split = ["--split", work / "data" / "demo" / "test.txt", "--root", work / "data" / "demo", "--json"]
     scored = json.loads(predict(work, *split).stdout)
     assert scored["top1"] == crt["test"]["top1"] and scored["top5"] == crt["test"]["top5"]
+    row_file = work / "runs" / "demo" / "classifier" / "methods" / "crt_fused.json"
+    row = json.loads(row_file.read_text())
+    row_file.write_text(json.dumps({**row, "identity": "from-another-cache"}))
+    stale = run_ffn("export", "demo", *RUN, "--method", "crt", cwd=work)
+    assert stale.returncode == 2 and "fitted from other settings or another cache" in stale.stderr
 
 
 def test_export_refuses_what_is_not_a_finished_finite_model(exported, tmp_path):

@@ -40,7 +40,7 @@ from ffn_dist.run import (
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import load_frozen, open_run_cache
 from ffn_dist.stages.classifier import at_w1
-from ffn_dist.stages.methods import METHODS
+from ffn_dist.stages.methods import METHODS, Source, method_identity
 
 FORMAT = 1
 
@@ -95,6 +95,15 @@ def method_classifier(cfg: Config, method: str, w1: float | None) -> tuple[Linea
             f"`ffn train-classifier CONFIG --methods {method}` first"
         )
     row = json.loads(row_path.read_text())
+    selected_on = row["chosen"].get("selected_on")
+    source = Source("fused", row["w1"])
+    identity = method_identity(
+        cfg, open_run_cache(cfg), method, source, None if selected_on == "published defaults" else selected_on
+    )
+    if row.get("identity") != identity:
+        raise ExportRefused(
+            f"{row_path}: fitted from other settings or another cache; rerun `--methods {method}`"
+        )
     form_path = row_path.with_suffix(".pt")
     if not form_path.is_file():
         raise ExportRefused(f"{form_path}: missing (fitted by an older version); rerun --methods {method}")

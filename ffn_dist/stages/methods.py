@@ -251,7 +251,9 @@ class Methods:
 
 
 # ----------------------------------------------------------------------------- the job
-def _identity(cfg: Config, cache: FeatureCache, method: str, source: Source, select_on: str | None) -> str:
+def method_identity(
+    cfg: Config, cache: FeatureCache, method: str, source: Source, select_on: str | None
+) -> str:
     text = json.dumps(
         {
             "method": method,
@@ -298,7 +300,7 @@ def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], select
         erm = None
         for method in [m for m in METHODS if m in wanted]:
             path = out / f"{method}_{source.name}.json"
-            identity = _identity(cfg, cache, method, source, select_on)
+            identity = method_identity(cfg, cache, method, source, select_on)
             if path.is_file() and json.loads(path.read_text()).get("identity") == identity:
                 row = json.loads(path.read_text())
             else:
