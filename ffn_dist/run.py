@@ -113,7 +113,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _digest(value) -> str:
+def digest(value) -> str:
+    """A short identity of a JSON-able value (stages, methods)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -205,8 +206,7 @@ class Stage:
         return self.settings(cfg) if callable(self.settings) else self.settings
 
     def function(self) -> Callable:
-        module, name = self.run.split(":")
-        return getattr(importlib.import_module(module), name)
+        return _resolve(self.run)
 
 
 STAGES = (
@@ -264,6 +264,12 @@ STAGES = (
 )
 
 
+def _resolve(reference: str) -> Callable:
+    """A function named "module:function", imported when it is needed (run.py imports no stage)."""
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def stage_named(name: str) -> Stage:
     for stage in STAGES:
         if stage.name == name:
@@ -312,7 +318,7 @@ def stage_inputs(cfg: Config, name: str, upstream: dict | None = None) -> dict:
 
 
 def stage_identity(cfg: Config, name: str, inputs: dict | None = None) -> str:
-    return _digest(inputs if inputs is not None else stage_inputs(cfg, name))
+    return digest(inputs if inputs is not None else stage_inputs(cfg, name))
 
 
 def describe_changes(recorded: dict, current: dict, then: str = "in the run") -> list[str]:
@@ -468,9 +474,8 @@ def stage_state(cfg: Config, name: str) -> tuple[str, str]:
             change = "is missing" if sha == "missing" else "changed since the stage wrote it"
             return "stale", f"{run_dir(cfg) / relative} {change}"
     if stage.check:
-        module, function = stage.check.split(":")
         try:
-            getattr(importlib.import_module(module), function)(cfg)
+            _resolve(stage.check)(cfg)
         except FFNError as exc:
             return "stale", str(exc)
     return "complete", ""

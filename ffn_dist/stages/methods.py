@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import time
@@ -40,7 +39,7 @@ from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.models import LinearForm
 from ffn_dist.plots import figure
-from ffn_dist.run import branch_dir, classifier_dir, methods_dir, save_torch, write_json, write_text
+from ffn_dist.run import branch_dir, classifier_dir, digest, methods_dir, save_torch, write_json, write_text
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.classifier import (
@@ -254,7 +253,7 @@ class Methods:
 def method_identity(
     cfg: Config, cache: FeatureCache, method: str, source: Source, select_on: str | None
 ) -> str:
-    text = json.dumps(
+    return digest(
         {
             "method": method,
             "features": source.name,
@@ -263,10 +262,8 @@ def method_identity(
             "seed": cfg.seed,
             "stage2": dataclasses.asdict(cfg.stage2),
             "cache": cache.cache_id,
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @holds_run_dir
