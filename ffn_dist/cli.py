@@ -52,8 +52,10 @@ def cmd_train_classifier(args) -> int:
     from ffn_dist.stages.methods import parse_methods, train_methods
 
     if args.methods:
-        train_methods(_config(args), parse_methods(args.methods), args.select)
+        train_methods(_config(args), parse_methods(args.methods), args.select, args.seeds)
         return 0
+    if args.seeds != 1:
+        raise FFNError("--seeds: repeats --methods with other seeds; add --methods all (or a list)")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     train_classifier(_config(args), sweep)
     return 0
@@ -68,7 +70,7 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from ffn_dist.predict import ExportedModel, predict_images, score_split
-    from ffn_dist.stages.evaluate import markdown_table
+    from ffn_dist.stages.evaluate import accuracy_table
 
     if bool(args.split) == bool(args.images) or bool(args.split) != bool(args.root):
         raise FFNError("give IMAGE... or --split FILE --root DIR (not both)")
@@ -87,7 +89,7 @@ def cmd_predict(args) -> int:
         return 0
     name = f"{model.meta['method']} (w1={model.meta['w1']:g}), {args.runtime}"
     print(
-        f"{markdown_table({name: report})}\n{report['samples']} images in {report['seconds']:g} s "
+        f"{accuracy_table({name: report})}\n{report['samples']} images in {report['seconds']:g} s "
         f"({report['images_per_s']:,.0f} img/s)"
     )
     return 0
@@ -290,7 +292,7 @@ def cmd_bench_gpu(args) -> int:
 def cmd_bench_accuracy(args) -> int:
     from ffn_dist.bench.accuracy import bench_accuracy
 
-    bench_accuracy(args.schedule, args.archive, args.work_dir)
+    bench_accuracy(args.schedule, args.archive, args.work_dir, args.seeds)
     return 0
 
 
@@ -348,14 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         metavar="all|M1,M2",
-        help="compare classifier methods on every feature source: ffn, joint, erm, crt, lws, tau_norm, "
-        "ncm, logit_adjustment",
+        help="compare classifier methods on every feature source: all, or a comma list (ffn, crt, "
+        "weight_balancing, ...; a wrong name lists them all)",
     )
     classifier.add_argument(
         "--select",
         choices=["auto", "val", "defaults"],
         default="auto",
-        help="where --methods chooses tau and w1: val (auto: if the run has it) or the published defaults",
+        help="where --methods chooses hyperparameters and w1: val (auto: if the run has it) or the "
+        "published defaults",
+    )
+    classifier.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="with --methods: repeat with seeds SEED..SEED+N-1 of stage 2 (same cache) and report mean ± std",
     )
     classifier.set_defaults(func=cmd_train_classifier)
 
@@ -539,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cifar10-jpeg.tar.gz (default: $FFN_CIFAR10_ARCHIVE, else ../shared/data/ beside the checkout)",
     )
     accuracy.add_argument("--work-dir", default="runs/bench_accuracy")
+    accuracy.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run the schedule with seeds 0..N-1 (each draws its own long-tailed subset) and report "
+        "mean ± std",
+    )
     accuracy.set_defaults(func=cmd_bench_accuracy)
     return parser
 

@@ -1,8 +1,9 @@
-"""The losses of FFN, exactly as docs/method.md states them.
+"""The losses of FFN, exactly as docs/method.md states them, and those of the stage-2 methods.
 
-Every per-class quantity (KPS factors and margins, LDAM margins, DRW weights) is a function
-of the class's training count alone, never of the order of class indices, so the losses are
-right for ImageNet-LT, whose class ids are not sorted by frequency.
+Every per-class quantity (KPS factors and margins, LDAM margins, class-balanced and
+re-weighting weights, label-aware smoothing) is a function of the class's training count
+alone, never of the order of class indices, so the losses are right for ImageNet-LT, whose
+class ids are not sorted by frequency.
 
 Every loss takes either integer targets or mixup targets `(y_a, y_b, lam)` and then returns
 `lam * L(y_a) + (1 - lam) * L(y_b)`.
@@ -20,7 +21,7 @@ from ffn_dist.errors import FFNError
 
 KPS_LOG_BASE = 50.0  # r_c = log(50 n_c / n_min) / log(50)
 KPS_MAX_SCALE = 50.0  # the per-class ("GA") scale is clamped to [s, 50]
-DRW_BETA = 0.9999
+CB_BETA = 0.9999
 
 
 def as_class_counts(class_counts) -> torch.Tensor:
@@ -59,11 +60,44 @@ def ldam_margins(class_counts, max_m: float) -> torch.Tensor:
     return margins * (max_m / margins.max())
 
 
-def drw_weights(class_counts, beta: float = DRW_BETA) -> torch.Tensor:
-    """Class-balanced weights (1 - beta) / (1 - beta^n_c), normalised to sum to C."""
+def class_balanced_weights(class_counts, beta: float = CB_BETA) -> torch.Tensor:
+    """Class-balanced weights (Cui et al. 2019) (1 - beta) / (1 - beta^n_c), normalised to sum
+    to C: the loss weights of deferred re-weighting (LDAM-DRW) and of weight balancing."""
     counts = as_class_counts(class_counts)
     weights = (1.0 - beta) / (1.0 - beta**counts)
     return weights * len(counts) / weights.sum()
+
+
+def reweighting_weights(class_counts, rho: float) -> torch.Tensor:
+    """DisAlign's generalised re-weighting (Zhang et al. 2021): (1 / r_c)^rho with r_c the
+    class's share of the training set, normalised to sum to C (rho = 0: no re-weighting)."""
+    counts = as_class_counts(class_counts)
+    weights = (counts / counts.sum()) ** -rho
+    return weights * len(counts) / weights.sum()
+
+
+def label_aware_smoothing(class_counts, head: float, tail: float) -> torch.Tensor:
+    """MiSLAS's per-class smoothing (Zhong et al. 2021, the concave form): epsilon_c goes from
+    `tail` at the rarest class to `head` at the most frequent as
+    tail + (head - tail) sin(pi/2 (n_c - n_min) / (n_max - n_min))."""
+    counts = as_class_counts(class_counts)
+    span = counts.max() - counts.min()
+    position = (counts - counts.min()) / span if span > 0 else torch.ones_like(counts)
+    return tail + (head - tail) * torch.sin(position * math.pi / 2)
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against (1 - epsilon_y) onehot(y) + epsilon_y / C, epsilon per class."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    smooth = epsilon.to(log_p)[labels]
+    nll = -log_p.gather(1, labels[:, None]).squeeze(1)
+    return ((1.0 - smooth) * nll - smooth * log_p.mean(dim=1)).mean()
+
+
+def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, log_counts: torch.Tensor):
+    """Balanced Softmax (Ren et al. 2020): cross-entropy on logits + log n_y, so the classifier
+    learns the class-balanced posterior and predicts with the plain logits."""
+    return F.cross_entropy(logits + log_counts.to(logits), labels)
 
 
 class _MixupLoss(nn.Module):

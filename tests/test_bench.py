@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+from ffn_dist.bench.accuracy import summarise_runs
 from ffn_dist.bench.timing import median_ratio
+from ffn_dist.tables import over_seeds, spread
 from tests.conftest import REPO, run_ffn
 from tests.test_run import SHORT
 
@@ -165,3 +167,61 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
     assert check["stage2"]["large"]["rows"] == 2000 and check["stage2"]["large_epoch_vs_matmul_bound"] > 0
     assert set(check["demo"]["top1"]) == {"CE", "KPS", "FFN (w1=0.5)"} and check["demo"]["wall_s"] >= 0
     assert "| FFN (w1=0.5) |" in check["demo"]["table"]
+
+
+def _accuracies(top1):
+    return {
+        "top1": top1,
+        "top5": 90.0,
+        "many": top1 + 5,
+        "medium": top1 - 5,
+        "few": None,
+        "head": 1.0,
+        "tail": 2.0,
+    }
+
+
+def _seed_run(seed, ffn, crt):
+    """One seed's figures as `run_seed` records them (no training)."""
+    rows = [
+        {"method": m, "features": "fused", "w1": 0.9, "chosen": {"selected_on": "val"}, "val": {"top1": v},
+         "test": _accuracies(t)}
+        for m, t, v in (("ffn", ffn, 60.0), ("crt", crt, 61.0 + seed))
+    ]  # fmt: skip
+    return {
+        "seed": seed,
+        "train_counts": [3, 2, 1],
+        "figures": {"CE": _accuracies(30.0 + seed), "KPS": _accuracies(20.0), "FFN": _accuracies(ffn)},
+        "w1": 0.5,
+        "sweep": [{"w1": w1, **_accuracies(50.0 + 10 * w1 + seed)} for w1 in (0.0, 0.5, 1.0)],
+        "methods": {
+            "selected_on": "val",
+            "best_on_val": {"method": "crt", "features": "fused"},
+            "rows": rows,
+        },
+        "seconds": {"stage1": 10.0, "total": 12.0},
+    }
+
+
+def test_bench_accuracy_over_seeds_reports_mean_std_per_seed_and_the_verdict():
+    runs = [_seed_run(0, 57.0, 59.0), _seed_run(1, 58.0, 59.5), _seed_run(2, 59.0, 60.0)]
+    body, markdown = summarise_runs("cpu", runs)
+    ce = body["figures"]["CE"]["top1"]
+    assert ce["values"] == [30.0, 31.0, 32.0] and ce["mean"] == 31.0 and ce["std"] == pytest.approx(1.0)
+    assert body["figures"]["FFN"]["few"] is None  # CIFAR-10-LT has no few-shot class
+    assert body["sweep_peak_w1"] == 1.0 and not body["sweep_peaks_inside"]
+    crt = next(r for r in body["methods"] if r["method"] == "crt")
+    assert crt["vs_ffn"]["values"] == [2.0, 1.5, 1.0] and crt["vs_ffn"]["mean"] == pytest.approx(1.5)
+    assert body["selected_on_val"]["per_seed"][0]["method"] == "crt"
+    assert body["seconds"] == {"stage1": 30.0, "total": 36.0}
+    assert "| CE | 31.00 ± 1.00 |" in markdown and "30.00, 31.00, 32.00" in markdown
+    assert "crt, +1.50 ± 0.50 points" in markdown and "at least one point better" in markdown
+    assert body["calibration"]["FFN"]["measured"] == pytest.approx(58.0)
+    _, one = summarise_runs("cpu", runs[:1])
+    assert "±" not in one.split("## The w1 sweep")[0]  # one seed: no spread to show
+
+
+def test_spread_formats_mean_and_standard_deviation():
+    assert spread(over_seeds([1.0, 2.0, 3.0])) == "2.00 ± 1.00"
+    assert spread(over_seeds([0.5, 1.5]), signed=True) == "+1.00 ± 0.71"
+    assert spread(over_seeds([2.0])) == "2.00" and spread(over_seeds([1.0, None])) == "-"

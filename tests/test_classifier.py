@@ -23,6 +23,8 @@ FINGERPRINT = {"identity": "test", "inputs": {"test": True}}
 def test_parse_sweep_ranges_lists_and_refusals():
     assert parse_sweep("w1=0:1:0.1") == [round(0.1 * i, 6) for i in range(11)]
     assert parse_sweep("w1=0.9,0.5") == [0.5, 0.9]
+    # Python floats: a numpy scalar in classifier.pt made `--methods` fail to load it (weights_only)
+    assert all(type(w1) is float for w1 in parse_sweep("w1=0:1:0.1"))
     for bad, message in [
         ("w2=0:1:0.1", "expected w1=START:STOP:STEP"),
         ("w1=1:0:0.1", "STOP >= START"),

@@ -16,9 +16,11 @@ import torch
 from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
-from ffn_dist.models import CosineHead, fused_embedding
-from ffn_dist.predict import preprocess
+from ffn_dist.models import CosineHead, FusedClassifier, LinearForm, build_backbone, fused_embedding
+from ffn_dist.predict import ExportedModel, preprocess
+from ffn_dist.run import write_json
 from ffn_dist.stages.cache import load_frozen
+from ffn_dist.stages.export import save_model
 from tests.conftest import REPO, run_ffn
 
 RUN = ["stage1.epochs=3", "data.batch_size=32", "cache.train_views=1", "stage2.epochs=5"]
@@ -199,3 +201,31 @@ def test_export_refuses_what_is_not_a_finished_finite_model(exported, tmp_path):
 def test_the_export_is_refused_where_no_run_exists(tmp_path):
     result = run_ffn("export", REPO / "configs" / "demo.yaml", f"output_dir={tmp_path / 'none'}")
     assert result.returncode == 2 and "stage 1 is not started; run `ffn run` first" in result.stderr
+
+
+def test_a_gated_classifier_exports_with_its_gate(tmp_path):
+    """DisAlign's form (a confidence gate on the input) through both exports, logits equal."""
+    torch.manual_seed(0)
+    ce, kps = build_backbone("resnet32"), build_backbone("resnet32")
+    dims, classes = ce.embedding_dim, 10
+    gate = {
+        "gate_weight": torch.randn(dims),
+        "gate_bias": torch.tensor(0.3),
+        "scale": torch.rand(classes) + 0.5,
+        "shift": torch.randn(classes),
+    }
+    head = LinearForm(torch.randn(classes, dims), torch.randn(classes), gate=gate)
+    model = FusedClassifier(ce, kps, 0.5, head).eval()
+    save_model(model, tmp_path, 32)
+    files = {"onnx": "model.onnx", "torch": "model.pt2"}
+    write_json(tmp_path / "model.json", {"files": files, "classes": [str(c) for c in range(classes)]})
+    images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    ungated = LinearForm(head.weight, head.bias)
+    with torch.no_grad():
+        assert not np.allclose(
+            FusedClassifier(ce, kps, 0.5, ungated).eval()(torch.from_numpy(images)), expected
+        )
+    for runtime in ("onnx", "torch"):
+        assert np.allclose(ExportedModel(tmp_path, runtime).logits(images), expected, atol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ffn_dist.errors import FFNError
-from ffn_dist.losses import CELoss, KPSLoss, LDAMLoss, drw_weights, ldam_margins
+from ffn_dist.losses import CELoss, KPSLoss, LDAMLoss, class_balanced_weights, ldam_margins
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -84,7 +84,7 @@ def test_ldam_matches_the_formula_with_and_without_drw(name):
     assert float(plain(cos, labels)) == pytest.approx(
         ref_ldam(cos.tolist(), labels.tolist(), counts, 0.5, 30), rel=1e-10
     )
-    weights = drw_weights(counts)
+    weights = class_balanced_weights(counts)
     weighted = LDAMLoss(counts, weight=weights).double()
     expected = ref_ldam(cos.tolist(), labels.tolist(), counts, 0.5, 30, weights.double().tolist())
     assert float(weighted(cos, labels)) == pytest.approx(expected, rel=1e-6)
@@ -94,7 +94,7 @@ def test_ldam_matches_the_formula_with_and_without_drw(name):
 def test_ldam_value_and_grad_equal_autograd(weighted):
     counts = CIFAR10_LT
     cos, labels = random_batch(len(counts), seed=3)
-    loss = LDAMLoss(counts, weight=drw_weights(counts) if weighted else None).double()
+    loss = LDAMLoss(counts, weight=class_balanced_weights(counts) if weighted else None).double()
     cos.requires_grad_()
     expected = loss(cos, labels)
     expected.backward()
@@ -113,13 +113,13 @@ def test_ce_matches_the_formula():
     )
 
 
-def test_drw_weights_formula():
+def test_class_balanced_weights_formula():
     counts = COUNT_SETS["imagenet_lt_unsorted"]
     n = np.asarray(counts, dtype=np.float64)
     w = (1 - 0.9999) / (1 - 0.9999**n)
     w = w * len(n) / w.sum()
-    assert np.allclose(drw_weights(counts).numpy(), w, rtol=1e-6)
-    assert float(drw_weights(counts).sum()) == pytest.approx(1000, rel=1e-5)
+    assert np.allclose(class_balanced_weights(counts).numpy(), w, rtol=1e-6)
+    assert float(class_balanced_weights(counts).sum()) == pytest.approx(1000, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_drw_weights_formula():
         lambda c: CELoss(len(c)),
         lambda c: KPSLoss(c, max_m=0.2),
         lambda c: KPSLoss(c, max_m=0.2, per_class_scale=True),
-        lambda c: LDAMLoss(c, weight=drw_weights(c)),
+        lambda c: LDAMLoss(c, weight=class_balanced_weights(c)),
     ],
     ids=["ce", "kps", "kps_ga", "ldam_drw"],
 )
@@ -195,7 +195,11 @@ def test_ldam_margins_depend_on_counts_only():
     ],
 )
 def test_bad_class_counts_are_refused(counts, pattern):
-    for make in (lambda: KPSLoss(counts, 0.2), lambda: LDAMLoss(counts), lambda: drw_weights(counts)):
+    for make in (
+        lambda: KPSLoss(counts, 0.2),
+        lambda: LDAMLoss(counts),
+        lambda: class_balanced_weights(counts),
+    ):
         with pytest.raises(FFNError, match=pattern):
             make()
 

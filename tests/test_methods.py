@@ -1,7 +1,9 @@
 """Classifier methods on the cache, against their formulas, chosen on val and never on test."""
 
 import json
+import math
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -12,11 +14,21 @@ from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import open_cache, write_manifest
 from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import load_config
+from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.metrics import accuracy_report, top_k
+from ffn_dist.models import LinearForm
 from ffn_dist.run import branch_dir, stage_identity
 from ffn_dist.stages.evaluate import collect_results
-from ffn_dist.stages.methods import METHODS, Methods, Source, compare_methods, parse_methods, selection_split
+from ffn_dist.stages.methods import (
+    METHODS,
+    Methods,
+    Source,
+    compare_methods,
+    compare_over_seeds,
+    parse_methods,
+    selection_split,
+)
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
 COUNTS = [200, 120, 70, 40, 25, 15, 9, 5]
@@ -92,17 +104,177 @@ def fitted(tmp_path):
     cache = write_cache(tmp_path / "cache")
     runner = Methods(config(tmp_path), cache, "val")
     source = Source("fused", 0.5)
-    return cache, runner, source, runner.linear(source, "shuffle")
+    return cache, runner, source, runner.erm(source)
+
+
+def hand_trained(runner, source, parameters, loss, order, weight_decay=None, project=None):
+    """The stage-2 recipe written out again, apart from the trainer: an epoch of as many draws
+    as images, batches of stage2.batch_size, cosine decay, torch's SGD; `loss(z, y, epoch)`."""
+    s2, train = runner.cfg.stage2, runner.cache.splits["train"]
+    images = len(train.rows_of_view(0))
+    steps = math.ceil(images / s2.batch_size)
+    decay = s2.weight_decay if weight_decay is None else weight_decay
+    optimizer = torch.optim.SGD(parameters, lr=s2.lr, momentum=s2.momentum, weight_decay=decay)
+    for epoch in range(s2.epochs):
+        draws = epoch_order(train.labels, order, runner.cfg.seed, epoch)[:images]
+        for step, begin in enumerate(range(0, images, s2.batch_size)):
+            rows = draws[begin : begin + s2.batch_size]
+            z, y = train.fused(rows, source.w1, 1 - source.w1), torch.from_numpy(train.labels[rows]).long()
+            for group in optimizer.param_groups:
+                group["lr"] = (
+                    0.5 * s2.lr * (1 + math.cos(math.pi * (epoch * steps + step) / (s2.epochs * steps)))
+                )
+            optimizer.zero_grad()
+            loss(z, y, epoch).backward()
+            optimizer.step()
+            if project is not None:
+                with torch.no_grad():
+                    project()
+
+
+def picked(log_p, y):
+    return log_p[torch.arange(len(y)), y]
+
+
+def copies(tensors):
+    return [t.clone().requires_grad_() for t in tensors]
+
+
+def close(a, b):
+    return torch.allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+N = torch.tensor(COUNTS, dtype=torch.float32)
+
+
+def test_erm_and_balanced_softmax_are_their_losses_on_the_stage2_recipe(fitted):
+    cache, runner, source, erm = fitted
+    w, b = copies(runner.new_linear())
+    hand_trained(
+        runner,
+        source,
+        [w, b],
+        lambda z, y, _: -picked(torch.log_softmax(z @ w.t() + b, 1), y).mean(),
+        "shuffle",
+    )
+    assert close(erm[0], w) and close(erm[1], b)
+    w, b = copies(runner.new_linear())
+    logits = lambda z: z @ w.t() + b  # noqa: E731
+    hand_trained(
+        runner,
+        source,
+        [w, b],
+        lambda z, y, _: -picked(torch.log_softmax(logits(z) + N.log(), 1), y).mean(),
+        "shuffle",
+    )
+    form = runner.fit_balanced_softmax(source)
+    assert close(form.weight, w) and close(form.bias, b)
+    assert runner.run("balanced_softmax", source)["test"] == by_hand(form, cache, source)  # plain logits
+
+
+def test_weight_balancing_is_the_class_balanced_loss_with_weight_decay_and_maxnorm(fitted):
+    cache, runner, source, erm = fitted
+    cb = (1 - 0.9999) / (1 - 0.9999 ** N.double())
+    cb = (cb * len(COUNTS) / cb.sum()).float()
+    norms = erm[0].norm(dim=1)
+    delta = norms.min() + 0.5 * (norms.max() - norms.min())
+    w, b = copies(erm)
+
+    def project():
+        w.mul_(torch.clamp(delta / w.norm(dim=1), max=1.0)[:, None])
+
+    loss = lambda z, y, _: (cb[y] * -picked(torch.log_softmax(z @ w.t() + b, 1), y)).mean()  # noqa: E731
+    hand_trained(runner, source, [w, b], loss, "shuffle", weight_decay=5e-3, project=project)
+    form = runner.fit_weight_balancing(source, weight_decay=5e-3, max_norm=0.5)
+    assert close(form.weight, w) and close(form.bias, b)
+    assert bool((form.weight.norm(dim=1) <= delta + 1e-5).all()) and bool((norms > delta).any())  # it bites
+    chosen = runner.run("weight_balancing", source)["chosen"]
+    assert chosen["weight_decay"] in [5e-4, 5e-3, 5e-2] and chosen["max_norm"] in [0.1, 0.5, 1.0]
+
+
+def test_mislas_smooths_each_class_by_its_count_with_class_balanced_sampling(fitted):
+    cache, runner, source, erm = fitted
+    position = (N - N.min()) / (N.max() - N.min())
+    epsilon = 0.0 + (0.4 - 0.0) * torch.sin(position * math.pi / 2)
+    assert epsilon[0] == pytest.approx(0.4) and epsilon[-1] == 0.0  # the head's value, the tail's
+    w, b = copies(erm)
+
+    def loss(z, y, _):
+        target = (1 - epsilon[y])[:, None] * F.one_hot(y, len(COUNTS)) + epsilon[y][:, None] / len(COUNTS)
+        return -(target * torch.log_softmax(z @ w.t() + b, 1)).sum(1).mean()
+
+    hand_trained(runner, source, [w, b], loss, "balanced")
+    form = runner.fit_mislas(source, head=0.4, tail=0.0)
+    assert close(form.weight, w) and close(form.bias, b)
+
+
+def test_disalign_learns_magnitude_margin_and_gate_with_its_reweighting(fitted):
+    cache, runner, source, erm = fitted
+    weight, bias = erm
+    torch.manual_seed(runner.cfg.seed)
+    gate = torch.nn.Linear(DIMS, 1)
+    g, g0 = copies([gate.weight.detach()[0], gate.bias.detach()[0]])
+    scale, shift = copies([torch.ones(len(COUNTS)), torch.zeros(len(COUNTS))])
+    share = N / N.sum()
+    weights = share**-1.5
+    weights = weights * len(COUNTS) / weights.sum()
+
+    def logits(z):
+        confidence = torch.sigmoid(z @ g + g0)[:, None]
+        return (1 + confidence * scale) * (z @ weight.t() + bias) + confidence * shift
+
+    def loss(z, y, _):
+        ce = -picked(torch.log_softmax(logits(z), 1), y)
+        return (weights[y] * ce).sum() / weights[y].sum()
+
+    hand_trained(runner, source, [g, g0, scale, shift], loss, "shuffle")
+    form = runner.fit_disalign(source, rho=1.5)
+    assert close(form.gate_weight, g) and close(form.scale, scale) and close(form.shift, shift)
+    assert torch.equal(form.weight, weight)  # erm stays frozen
+    z = cache.splits["test"].fused(cache.splits["test"].rows_of_view(0), 0.5, 0.5)
+    assert close(form(z), logits(z).detach())
+    assert torch.equal(LinearForm.from_state(form.state())(z), form(z))  # what export saves and loads
+
+
+def test_ldam_drw_reweights_the_cosine_classifier_from_the_deferred_epoch(fitted):
+    cache, runner, source, erm = fitted
+    fake_kps_head(runner.cfg)
+    s2 = runner.cfg.stage2
+    w = (
+        torch.load(sorted(branch_dir(runner.cfg, "kps").glob("*.pt"))[-1], weights_only=False)["model"][
+            "head.weight"
+        ]
+        .clone()
+        .requires_grad_()
+    )
+    margins = N**-0.25
+    margins = margins * 0.5 / margins.max()
+    cb = (1 - 0.9999) / (1 - 0.9999 ** N.double())
+    cb = (cb * len(COUNTS) / cb.sum()).float()
+    deferred = int(0.8 * s2.epochs)
+    assert 0 < deferred < s2.epochs
+
+    def loss(z, y, epoch):
+        cosine = z @ F.normalize(w, dim=1).t()
+        ce = -picked(
+            torch.log_softmax(s2.ldam_s * (cosine - margins[y][:, None] * F.one_hot(y, len(COUNTS))), 1), y
+        )
+        weights = cb[y] if epoch >= deferred else torch.ones_like(ce)
+        return (weights * ce).sum() / weights.sum()
+
+    hand_trained(runner, source, [w], loss, "shuffle")
+    form = runner.fit_ldam_drw(source)
+    assert close(form.weight, F.normalize(w.detach(), dim=1))
 
 
 def test_tau_norm_and_logit_adjustment_are_their_closed_forms(fitted):
     cache, runner, source, (weight, bias) = fitted
-    tau_norm = runner.run("tau_norm", source, (weight, bias))
+    tau_norm = runner.run("tau_norm", source)
     tau = tau_norm["chosen"]["tau"]
     assert tau in [round(0.1 * i, 1) for i in range(11)]
     normed = weight / weight.norm(dim=1, keepdim=True) ** tau
     assert tau_norm["test"] == by_hand(lambda z: z @ normed.t(), cache, source)
-    adjusted = runner.run("logit_adjustment", source, (weight, bias))
+    adjusted = runner.run("logit_adjustment", source)
     tau = adjusted["chosen"]["tau"]
     log_prior = torch.log(torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)).float()
     assert adjusted["test"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache, source)
@@ -112,8 +284,11 @@ def test_tau_norm_and_logit_adjustment_are_their_closed_forms(fitted):
 def test_lws_learns_only_per_class_scales(fitted):
     cache, runner, source, (weight, bias) = fitted
     before = weight.clone(), bias.clone()
-    scales = runner.lws_scales(source, weight, bias)
+    form = runner.fit_lws(source)
     assert torch.equal(weight, before[0]) and torch.equal(bias, before[1])  # the classifier is frozen
+    scales = (form.weight * weight).sum(1) / (weight * weight).sum(1)  # signed: a scale may flip a row
+    assert torch.allclose(form.weight, weight * scales[:, None], atol=1e-6)  # rows only rescaled
+    assert torch.allclose(form.bias, bias * scales, atol=1e-6)
     assert scales.shape == (len(COUNTS),) and not torch.allclose(scales, torch.ones(len(COUNTS)))
     # class-balanced: the rarest classes gain against the most frequent
     assert scales[-1] > scales[0]
@@ -125,8 +300,8 @@ def test_crt_starts_from_a_fresh_random_classifier(fitted):
     fresh = torch.nn.Linear(DIMS, len(COUNTS))
     initial = runner.new_linear()
     assert torch.equal(initial[0], fresh.weight.detach()) and torch.equal(initial[1], fresh.bias.detach())
-    crt = runner.linear(source, "balanced")
-    assert not torch.allclose(crt[0], initial[0]) and not torch.allclose(crt[0], erm[0])  # trained apart
+    crt = runner.fit_crt(source).weight
+    assert not torch.allclose(crt, initial[0]) and not torch.allclose(crt, erm[0])  # trained apart
 
 
 def test_ncm_is_cosine_to_the_class_means(fitted):
@@ -136,7 +311,7 @@ def test_ncm_is_cosine_to_the_class_means(fitted):
     features, labels = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows])
     means = torch.stack([F.normalize(features[labels == c], dim=1).mean(0) for c in range(len(COUNTS))])
     expected = by_hand(lambda z: F.normalize(z, dim=1) @ F.normalize(means, dim=1).t(), cache, source)
-    assert runner.run("ncm", source, None)["test"] == expected
+    assert runner.run("ncm", source)["test"] == expected
 
 
 def test_choices_are_blind_to_the_test_labels(tmp_path):
@@ -159,7 +334,8 @@ def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(t
         selection_split(cache, "val")
     runner = Methods(config(tmp_path), cache, None)
     source = Source("fused", 0.5)
-    assert runner.run("tau_norm", source, runner.linear(source, "shuffle"))["chosen"]["tau"] == 1.0
+    assert runner.run("tau_norm", source)["chosen"]["tau"] == 1.0
+    assert runner.run("weight_balancing", source)["chosen"] == {"weight_decay": 0.1, "max_norm": 0.1}
     assert runner.fused_w1() == 0.5  # the config's w1
 
 
@@ -220,3 +396,37 @@ def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_pa
     results = collect_results(load_config(CONFIG, args))
     crt = next(r for r in body["rows"] if (r["method"], r["features"]) == ("crt", "fused"))
     assert results["methods"]["crt on fused features (best on val)"] == crt["test"]
+    seeds = run_ffn("train-classifier", CONFIG, *args, "--methods", "ncm,crt", "--seeds", "2")
+    assert seeds.returncode == 0, seeds.stderr[-3000:]
+    summary = json.loads((run / "classifier" / "methods" / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and all(len(r["test"]["top1"]["values"]) == 2 for r in summary["rows"])
+    alone = run_ffn("train-classifier", CONFIG, *args, "--seeds", "2")
+    assert alone.returncode != 0 and "error: --seeds: repeats --methods" in alone.stderr
+
+
+def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path):
+    cfg = config(tmp_path)
+    fake_kps_head(cfg)
+    cache = write_cache(tmp_path / "cache")
+    wanted = ["ffn", "crt", "ncm"]
+    single = compare_methods(cfg, cache, wanted, "auto")
+    stage = {p: p.stat().st_mtime_ns for p in (tmp_path / "classifier").glob("w1_*/*")}
+    summary = compare_over_seeds(cfg, cache, wanted, "auto", 3)
+    assert summary["seeds"] == [1, 2, 3]
+    rows = {(r["method"], r["features"]): r for r in summary["rows"]}
+    crt = rows[("crt", "fused")]["test"]["top1"]
+    first = next(r for r in single["rows"] if (r["method"], r["features"]) == ("crt", "fused"))
+    assert crt["values"][0] == first["test"]["top1"]  # the run's own seed: reused
+    assert crt["mean"] == pytest.approx(statistics.fmean(crt["values"]))
+    assert crt["std"] == pytest.approx(statistics.stdev(crt["values"]))
+    ncm = rows[("ncm", "fused")]["test"]["top1"]
+    assert ncm["std"] == 0 and len(set(ncm["values"])) == 1  # no seed in class means
+    ffn = rows[("ffn", "fused")]["test"]["top1"]["values"]
+    assert rows[("crt", "fused")]["vs_ffn"]["values"] == [
+        c - f for c, f in zip(crt["values"], ffn, strict=True)
+    ]
+    out = tmp_path / "classifier" / "methods"
+    assert (out / "seed3" / "methods.json").is_file() and list((out / "seed3" / "classifier").glob("w1_*"))
+    assert {p: p.stat().st_mtime_ns for p in stage} == stage  # the classifier stage's own files
+    table = (out / "seeds.md").read_text()
+    assert "±" in table and "top-1 per seed" in table and "against FFN" in table

@@ -13,7 +13,6 @@ warm-up over the first, x0.1 at 80% and x0.01 at 90% of training, KPS per-class 
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import time
@@ -22,12 +21,21 @@ from pathlib import Path
 from ffn_dist.config import load_config, shipped_configs
 from ffn_dist.data.longtail import make_lt
 from ffn_dist.errors import FFNError
+from ffn_dist.run import write_json, write_text
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.classifier import parse_sweep, train_classifier, val_choice
-from ffn_dist.stages.evaluate import COLUMNS, markdown_table
-from ffn_dist.stages.methods import METHODS, compare_methods
+from ffn_dist.stages.methods import METHODS, compare_methods, summarise_seeds
 from ffn_dist.stages.pipeline import run_pipeline, timed
+from ffn_dist.tables import (
+    ACCURACY_COLUMNS,
+    column_names,
+    markdown_table,
+    number,
+    over_seeds,
+    per_seed,
+    spread,
+)
 
 CONFIG = shipped_configs() / "cifar10_lt_r32.yaml"
 ARCHIVE = "cifar10-jpeg.tar.gz"
@@ -61,10 +69,10 @@ def default_archive() -> Path:
     return Path(given) if given else Path(__file__).resolve().parents[3] / "shared" / "data" / ARCHIVE
 
 
-def prepare_cifar10_lt(archive: Path, work_dir: Path) -> tuple[Path, Path]:
-    """Extract the JPEGs (once) and write the IF-100 splits with a val split; returns (image
-    root, split dir)."""
-    images, splits = work_dir / "cifar10", work_dir / "cifar10_lt"
+def prepare_cifar10_lt(archive: Path, work_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Extract the JPEGs (once) and write the IF-100 splits with a val split, the images of
+    each class drawn with `seed`; returns (image root, split dir)."""
+    images, splits = work_dir / "cifar10", work_dir / f"cifar10_lt_seed{seed}"
     if not (images / ".complete").is_file():
         print(f"extracting {archive} -> {images}", flush=True)
         images.mkdir(parents=True, exist_ok=True)
@@ -72,45 +80,42 @@ def prepare_cifar10_lt(archive: Path, work_dir: Path) -> tuple[Path, Path]:
             handle.extractall(images, filter="data")
         (images / ".complete").write_text("ok\n")
     if not (splits / "train.txt").is_file() or not (splits / "val.txt").is_file():
-        result = make_lt(images, splits, "exp", 100, seed=0, val_per_class=VAL_PER_CLASS)
+        result = make_lt(images, splits, "exp", 100, seed=seed, val_per_class=VAL_PER_CLASS)
         if result["train_counts"] != EXPECTED_COUNTS:
             raise FFNError(f"CIFAR-10-LT counts {result['train_counts']}, expected {EXPECTED_COUNTS}")
     return images, splits
 
 
 def _row(report: dict) -> dict:
-    return {k: report.get(k) for k in COLUMNS}
+    return {k: report.get(k) for k in ACCURACY_COLUMNS}
 
 
 def _compared(measured: dict, reference: dict, name: str, lines: list[str]) -> dict:
-    """Measured against reference figures: a JSON block, and a Markdown table into `lines`."""
+    """Measured (mean) top-1 against reference figures: a JSON block, and a table into `lines`."""
     block = {
         k: {"measured": measured[k], name: v, "difference": measured[k] - v} for k, v in reference.items()
     }
-    lines += ["", f"| top-1 against the {name} | measured | {name} | difference |", "|---|---|---|---|"]
-    lines += [
-        f"| {k} | {c['measured']:.2f} | {c[name]:.2f} | {c['difference']:+.2f} |" for k, c in block.items()
-    ]
+    rows = [[k, number(c["measured"]), number(c[name]), f"{c['difference']:+.2f}"] for k, c in block.items()]
+    lines += ["", markdown_table([f"top-1 against the {name}", "measured", name, "difference"], rows)]
     return block
 
 
-def bench_accuracy(schedule: str, archive: str | None, work_dir: str) -> dict | None:
-    archive = Path(archive) if archive else default_archive()
-    if not archive.is_file():
-        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs, --archive); nothing was run")
-        return None
+def run_seed(schedule: str, archive: Path, work: Path, seed: int) -> dict:
+    """The whole pipeline, the w1 sweep and every method on one seed's split and training;
+    its figures, also written to `work/SCHEDULE/seedN/accuracy.json`."""
     began = time.perf_counter()
-    work = Path(work_dir).resolve()
-    images, splits = prepare_cifar10_lt(archive, work)
+    images, splits = prepare_cifar10_lt(archive, work, seed)
     overrides = [
         f"data.root={images}",
         f"data.train_split={splits / 'train.txt'}",
         f"data.test_split={splits / 'test.txt'}",
         f"data.val_split={splits / 'val.txt'}",
-        f"output_dir={work / schedule}",
+        f"output_dir={work / schedule / f'seed{seed}'}",
+        f"seed={seed}",
         *SCHEDULES[schedule],
     ]
     cfg = load_config(CONFIG, overrides)
+    print(f"\n[bench accuracy] seed {seed}: {cfg.output_dir}", flush=True)
     with holding(cfg.output_dir):  # the pipeline and the sweep, one job
         results = run_pipeline(cfg)
         seconds = dict(results["seconds"])
@@ -119,46 +124,107 @@ def bench_accuracy(schedule: str, archive: str | None, work_dir: str) -> dict | 
         with timed(seconds, "methods"):  # every classifier method on every feature source
             compared = compare_methods(cfg, open_run_cache(cfg), list(METHODS), "auto")
     seconds["total"] = round(time.perf_counter() - began, 1)
-    methods = {name: _row(report) for name, report in results["methods"].items()}
-    ffn = next(v for k, v in methods.items() if k.startswith("FFN"))
-    peak = max(sweep, key=lambda r: r["test"]["top1"])
+    stage1 = results["methods"]
     body = {
-        "schedule": schedule,
-        "command": f"ffn bench accuracy --schedule {schedule}",
+        "seed": seed,
         "train_counts": results["train_counts"],
-        "methods": methods,
+        "figures": {
+            "CE": _row(stage1["CE"]),
+            "KPS": _row(stage1["KPS"]),
+            "FFN": _row(next(v for k, v in stage1.items() if k.startswith("FFN"))),
+        },
+        "w1": cfg.stage2.w1,
         "sweep": [{"w1": r["w1"], **_row(r["test"])} for r in sweep],
-        "sweep_peak_w1": peak["w1"],
-        "sweep_peaks_inside": bool(0.0 < peak["w1"] < 1.0),
         "sweep_chosen_on_val": (val_choice(sweep) or {}).get("w1"),
-        "methods_compared": {k: compared[k] for k in ("selected_on", "best_on_val", "rows")},
+        "methods": {k: compared[k] for k in ("selected_on", "best_on_val", "rows")},
         "seconds": seconds,
     }
-    table = markdown_table({name: report for name, report in results["methods"].items()})
-    sweep_rows = " | ".join(f"{r['w1']:.1f}: {r['test']['top1']:.2f}" for r in sweep)
-    inside = "inside (0, 1)" if body["sweep_peaks_inside"] else "at an end"
-    lines = [
-        f"# CIFAR-10-LT (IF 100), schedule `{schedule}`",
-        "",
-        table,
-        "",
-        f"w1 sweep, top-1: {sweep_rows}",
-        f"(peak at w1 = {peak['w1']:.1f}, {inside})",
-        "",
-        "wall time (s): " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()),
-        "",
-        "## Classifier methods on this cache (`ffn train-classifier --methods all`)",
-        "",
-        compared["table"],
+    write_json(Path(cfg.output_dir) / "accuracy.json", body)
+    return body
+
+
+def summarise_runs(schedule: str, runs: list[dict]) -> tuple[dict, str]:
+    """Each figure over the seeds (mean ± std and the per-seed values): JSON and Markdown."""
+    figures = {
+        name: {c: over_seeds([run["figures"][name][c] for run in runs]) for c in ACCURACY_COLUMNS}
+        for name in runs[0]["figures"]
+    }
+    sweep = [
+        {"w1": point["w1"], "top1": over_seeds([run["sweep"][i]["top1"] for run in runs])}
+        for i, point in enumerate(runs[0]["sweep"])
     ]
-    measured = {"CE": methods["CE"]["top1"], "KPS": methods["KPS"]["top1"], "FFN": ffn["top1"]}
+    peak = max(sweep, key=lambda p: p["top1"]["mean"])
+    methods = summarise_seeds([{"seed": run["seed"], **run["methods"]} for run in runs])
+    seeds = [run["seed"] for run in runs]
+    body = {
+        "schedule": schedule,
+        "command": f"ffn bench accuracy --schedule {schedule} --seeds {len(runs)}",
+        "seeds": seeds,
+        "train_counts": runs[0]["train_counts"],
+        "figures": figures,
+        "sweep": sweep,
+        "sweep_peak_w1": peak["w1"],
+        "sweep_peaks_inside": bool(0.0 < peak["w1"] < 1.0),
+        "methods": methods["rows"],
+        "selected_on_val": methods["selected_on_val"],
+        "verdict": methods["verdict"],
+        "seconds": {k: round(sum(run["seconds"][k] for run in runs), 1) for k in runs[0]["seconds"]},
+    }
+    stat = "mean ± std over seeds " + ", ".join(map(str, seeds)) if len(runs) > 1 else f"seed {seeds[0]}"
+    ffn_w1 = runs[0]["w1"]
+    lines = [
+        f"# CIFAR-10-LT (IF 100), schedule `{schedule}`: test accuracy (%), {stat}",
+        "",
+        markdown_table(
+            ["", *column_names(), "top-1 per seed"],
+            [
+                [name if name != "FFN" else f"FFN (w1={ffn_w1:g})"]
+                + [spread(s) for s in stats.values()]
+                + [per_seed(stats["top1"])]
+                for name, stats in figures.items()
+            ],
+        ),
+        "",
+        "## The w1 sweep (FFN's classifier on w1 f̂_kps + (1 - w1) f̂_ce)",
+        "",
+        markdown_table(
+            ["w1", "test top-1", "per seed"],
+            [[f"{p['w1']:.1f}", spread(p["top1"]), per_seed(p["top1"])] for p in sweep],
+        ),
+        "",
+        f"The mean peaks at w1 = {peak['w1']:.1f}, "
+        + ("inside (0, 1)." if body["sweep_peaks_inside"] else "at an end of [0, 1]."),
+        "",
+        "## Classifier methods on the cache (`ffn train-classifier --methods all`)",
+        "",
+        "Hyperparameters chosen on val; 'vs FFN' is the paired difference in test top-1 to FFN's "
+        "classifier on the same seed's fused features (w1 chosen on val).",
+        "",
+        methods["table"],
+        "",
+        "wall time over all seeds (s): " + ", ".join(f"{k} {v:g}" for k, v in body["seconds"].items()),
+    ]
+    measured = {name: figures[name]["top1"]["mean"] for name in ("CE", "KPS", "FFN")}
     if schedule == "cpu":
-        measured.update(sweep_w1_0=body["sweep"][0]["top1"], sweep_w1_1=body["sweep"][-1]["top1"])
+        measured.update(sweep_w1_0=sweep[0]["top1"]["mean"], sweep_w1_1=sweep[-1]["top1"]["mean"])
         body["calibration"] = _compared(measured, CPU_CALIBRATION, "calibration", lines)
     else:
         body["paper"] = _compared(measured, PAPER_TABLE5, "paper", lines)
+    return body, "\n".join(lines) + "\n"
+
+
+def bench_accuracy(schedule: str, archive: str | None, work_dir: str, seeds: int = 1) -> dict | None:
+    archive = Path(archive) if archive else default_archive()
+    if not archive.is_file():
+        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs, --archive); nothing was run")
+        return None
+    if seeds < 1:
+        raise FFNError(f"--seeds {seeds}: expected 1 or more")
+    work = Path(work_dir).resolve()
+    runs = [run_seed(schedule, archive, work, seed) for seed in range(seeds)]
+    body, markdown = summarise_runs(schedule, runs)
     out = work / schedule
-    (out / "accuracy.json").write_text(json.dumps(body, indent=1))
-    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines) + f"\n\n(JSON, Markdown and plots in {out})", flush=True)
+    write_json(out / "accuracy.json", body)
+    write_text(out / "accuracy.md", markdown)
+    print("\n" + markdown + f"\n(JSON and Markdown in {out}; each seed's run in {out}/seedN)", flush=True)
     return body

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ffn_dist.bench.timing import interleaved_medians, markdown_table, synchronize
+from ffn_dist.bench.timing import interleaved_medians, synchronize
 from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
@@ -28,6 +28,7 @@ from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.run import begin_stage, branch_dir, cache_dir, final_checkpoint, finish_stage, stage_identity
 from ffn_dist.stages.backbones import build_network
 from ffn_dist.stages.cache import STORED_DTYPES, cache_features
+from ffn_dist.tables import markdown_table
 
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffn_dist.bench.timing import interleaved_medians, markdown_table
+from ffn_dist.bench.timing import interleaved_medians
 from ffn_dist.models import FusedClassifier, LinearForm, build_backbone
 from ffn_dist.predict import ExportedModel
 from ffn_dist.run import write_json
 from ffn_dist.stages.export import save_model
+from ffn_dist.tables import markdown_table
 
 SHAPES = {"resnet32": (32, 10), "resnet50": (224, 1000)}  # (image size, classes): CIFAR, ImageNet-LT
 

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ffn_dist.bench.timing import endless_batches, images_per_second, interleaved_medians, markdown_table
+from ffn_dist.bench.timing import endless_batches, images_per_second, interleaved_medians
 from ffn_dist.config import DataConfig
 from ffn_dist.data.builtin import ensure_builtin
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split, read_split, write_split
+from ffn_dist.tables import markdown_table
 
 LARGE_SIZE = (400, 350)
 

@@ -4,7 +4,7 @@
 (b) the authors' way: both frozen backbones run on every batch of every epoch, timed on the
     configured data (CIFAR-10-LT with ResNet-32, or the built-in digits) and compared with
     an epoch on a cache of the same rows and dims.
-The cache epochs run `ClassifierTrainer.train_epoch`, the code `ffn train-classifier` runs.
+The cache epochs run `CachedEpochs.epoch` with FFN's step, the code `ffn train-classifier` runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ffn_dist.bench.timing import (
     endless_batches,
     interleaved_medians,
     interleaved_runs,
-    markdown_table,
     median_ratio,
     medians,
     synchronize,
@@ -38,6 +37,7 @@ from ffn_dist.models import CosineHead, fused_embedding
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.stages.backbones import build_network
 from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer
+from ffn_dist.tables import markdown_table
 
 SYNTHETIC = {"identity": "synthetic", "inputs": {"synthetic": True}}
 
@@ -79,10 +79,10 @@ def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
 
     def run() -> float:
         start = time.perf_counter()
-        trainer.train_epoch(train_step, next(epochs), cfg.stage2.w1, cfg.stage2.w2)
+        trainer.epochs.epoch(train_step, next(epochs), cfg.stage2.w1)
         return time.perf_counter() - start
 
-    return run, trainer.steps_per_epoch
+    return run, trainer.epochs.steps
 
 
 def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device: torch.device):

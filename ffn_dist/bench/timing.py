@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: interleaved rounds, medians, tables."""
+"""Timing helpers shared by the benchmarks: interleaved rounds and medians."""
 
 from __future__ import annotations
 
@@ -53,9 +53,3 @@ def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     """The median of per-round ratios: each pair ran back to back, under the same load."""
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)

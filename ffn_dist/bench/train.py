@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffn_dist.bench.timing import endless_batches, interleaved_medians, markdown_table, synchronize
+from ffn_dist.bench.timing import endless_batches, interleaved_medians, synchronize
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.distributed import init_world, make_branches
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.stages.backbones import BranchTrainer, build_network
+from ffn_dist.tables import markdown_table
 
 PROFILED_STEPS = 5
 

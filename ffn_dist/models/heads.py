@@ -108,15 +108,32 @@ def check_fusion_weights(w1: float, w2: float) -> None:
         raise FFNError(f"fusion weights must sum to 1 (w1 + w2), got {w1} + {w2} = {w1 + w2:g}")
 
 
+def gated_logits(logits, features, gate_weight, gate_bias, scale, shift) -> torch.Tensor:
+    """DisAlign's adjusted logits (Zhang et al. 2021): with the input's confidence
+    c = sigmoid(z . g + g0), (1 + c * scale) * logits + c * shift, scale and shift per class."""
+    confidence = torch.sigmoid(features @ gate_weight + gate_bias)[:, None]
+    return logits * (1.0 + confidence * scale) + confidence * shift
+
+
 class LinearForm(nn.Module):
     """A trained classifier of fused embeddings as one layer: x @ W^T + b, where x is z, or
     z / |z| with `normalize_input`. Every classifier stage 2 trains or fits has this form:
-    FFN's cosine head (W's rows normalised, no bias), a linear one (cRT, ERM), LWS (rows
-    scaled), tau-normalisation (rows divided by |w|^tau), logit adjustment (b - tau log pi),
-    nearest class mean (unit inputs against unit means). It holds no parameters, only
+    FFN's cosine head (W's rows normalised, no bias), a linear one (cRT, ERM, weight
+    balancing, Balanced Softmax, MiSLAS), LWS (rows scaled), tau-normalisation (rows divided
+    by |w|^tau), logit adjustment (b - tau log pi), nearest class mean (unit inputs against
+    unit means). DisAlign adds a `gate`: with confidence c = sigmoid(z . g + g0) of the
+    input, logits l become (1 + c * scale) * l + c * shift. It holds no parameters, only
     buffers: a frozen model to evaluate and export."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, normalize_input: bool = False):
+    GATE = ("gate_weight", "gate_bias", "scale", "shift")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        normalize_input: bool = False,
+        gate: dict | None = None,
+    ):
         super().__init__()
         weight = weight.detach().float()
         self.register_buffer("weight", weight.clone())
@@ -124,6 +141,9 @@ class LinearForm(nn.Module):
             "bias", torch.zeros(len(weight)) if bias is None else bias.detach().float().clone()
         )
         self.normalize_input = normalize_input
+        self.gated = gate is not None
+        for name in self.GATE if self.gated else ():
+            self.register_buffer(name, torch.as_tensor(gate[name]).detach().float().clone())
 
     @classmethod
     def cosine(cls, weight: torch.Tensor) -> LinearForm:
@@ -131,16 +151,22 @@ class LinearForm(nn.Module):
         return cls(F.normalize(weight.detach().float(), dim=1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.normalize_input:
-            features = F.normalize(features, dim=1)
-        return F.linear(features, self.weight, self.bias)
+        inputs = F.normalize(features, dim=1) if self.normalize_input else features
+        logits = F.linear(inputs, self.weight, self.bias)
+        if self.gated:
+            logits = gated_logits(logits, features, *(getattr(self, name) for name in self.GATE))
+        return logits
 
     def state(self) -> dict:
-        return {"weight": self.weight.cpu(), "bias": self.bias.cpu(), "normalize_input": self.normalize_input}
+        state = {"weight": self.weight.cpu(), "bias": self.bias.cpu()}
+        state["normalize_input"] = self.normalize_input
+        if self.gated:
+            state["gate"] = {name: getattr(self, name).cpu() for name in self.GATE}
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> LinearForm:
-        return cls(state["weight"], state["bias"], bool(state["normalize_input"]))
+        return cls(state["weight"], state["bias"], bool(state["normalize_input"]), state.get("gate"))
 
 
 class FusedClassifier(nn.Module):

@@ -43,7 +43,9 @@ from ffn_dist.run import (
 )
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
+from ffn_dist.tables import accuracy_cells, column_names, markdown_table, number
 
+SWEEP_COLUMNS = ("top1", "top5", "many", "medium", "few")
 GATHER_BATCHES = 64  # batches gathered from the cache at once: fewer, larger reads
 # A step is a few dozen small operations: for a small classifier (CIFAR-10: 10 x 64) it is
 # launch-bound on a GPU (some 30 kernels, ~0.2 ms) and takes 62 us on one CPU core here;
@@ -107,7 +109,7 @@ def parse_sweep(text: str) -> list[float]:
         raise FFNError(
             f"--sweep {text!r}: expected w1=START:STOP:STEP (STEP > 0, STOP >= START) or w1=A,B,C"
         ) from None
-    values = sorted({round(v, 6) for v in values})
+    values = sorted({round(float(v), 6) for v in values})  # floats: a numpy scalar fails weights_only loads
     if not all(0.0 <= v <= 1.0 for v in values):
         raise FFNError(f"--sweep {text!r}: every w1 must be in [0, 1], got {values}")
     return values
@@ -141,20 +143,104 @@ def evaluate_cached(
     return accuracy_report(split.labels[rows], torch.cat(predictions).numpy(), train_counts)
 
 
+class CachedEpochs:
+    """The epoch loop of every classifier trained on the cache, FFN's and the methods' alike.
+
+    An epoch draws as many rows as there are training images, from every cached view,
+    class-balanced ('balanced') or instance-balanced ('shuffle'); gathers them a chunk of
+    GATHER_BATCHES batches at a time; and calls `step(features, labels, lr)` on each batch of
+    fused embeddings at the cosine-decayed learning rate. A step returns the batch's loss as
+    a tensor: it is summed on the device and read once an epoch, so a GPU step never waits on
+    the host.
+    """
+
+    def __init__(self, cfg: Config, split: CachedSplit, device: torch.device):
+        self.cfg, self.split, self.device = cfg, split, device
+        self.images = len(split.rows_of_view(0))
+        self.labels = torch.from_numpy(split.labels)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.images / self.cfg.stage2.batch_size)
+
+    def epoch(self, step, epoch: int, w1: float, order: str = "balanced") -> float:
+        """One epoch; returns its mean loss."""
+        s2, steps, w2 = self.cfg.stage2, self.steps, round(1.0 - w1, 6)
+        draws = epoch_order(self.split.labels, order, self.cfg.seed, epoch)[: self.images]
+        total, chunk = torch.zeros((), device=self.device), s2.batch_size * GATHER_BATCHES
+        for begin in range(0, len(draws), chunk):
+            rows = draws[begin : begin + chunk]
+            stored = self.split.gather(rows)
+            targets = self.labels[rows].to(self.device, non_blocking=True)
+            for offset in range(0, len(rows), s2.batch_size):
+                index = epoch * steps + (begin + offset) // s2.batch_size
+                batch = {k: v[offset : offset + s2.batch_size] for k, v in stored.items()}
+                features = self.split.fuse(batch, w1, w2).to(self.device, non_blocking=True)
+                lr = cosine_lr(s2.lr, index, s2.epochs * steps)
+                total += step(features, targets[offset : offset + s2.batch_size], lr)
+        return total.item() / steps
+
+    def train(self, step, w1: float, order: str, name: str, epochs=None, progress=None) -> None:
+        """`epochs` (default: all of stage2.epochs) of `step`; stops on a non-finite loss.
+        `progress(epoch, loss, seconds)` is called after each epoch."""
+        for epoch in epochs if epochs is not None else range(self.cfg.stage2.epochs):
+            tick = time.perf_counter()
+            loss = self.epoch(step, epoch, w1, order)
+            if not math.isfinite(loss):  # read once an epoch, for the progress line anyway
+                raise StageFailed(
+                    f"[{name}] the loss is {loss:g} at epoch {epoch + 1}: training diverged "
+                    f"(stage2.lr {self.cfg.stage2.lr:g}); nothing was written"
+                )
+            if progress:
+                progress(epoch, loss, time.perf_counter() - tick)
+
+
+class SGDStep:
+    """One autograd step of SGD with momentum on `loss_of(features, labels)`, then an optional
+    `project()` of the parameters (weight balancing's MaxNorm): the step of every method
+    trained on the cache but FFN's, whose step is written out (ClassifierStep)."""
+
+    def __init__(self, parameters: list, loss_of, momentum: float, weight_decay: float, project=None):
+        self.optimizer = torch.optim.SGD(parameters, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+        self.loss_of, self.project = loss_of, project
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss_of(features, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.project is not None:
+            with torch.no_grad():
+                self.project()
+        return loss.detach()
+
+
 class ClassifierTrainer:
-    def __init__(self, cfg: Config, cache: FeatureCache, initial_weight: torch.Tensor, writer=None):
+    """FFN's classifier (stage 2) for any w1, each written to `root`/w1_X.XX (default: the
+    run's classifier/ folder; another seed's go elsewhere, so the stage's own stays)."""
+
+    def __init__(
+        self, cfg: Config, cache: FeatureCache, initial_weight: torch.Tensor, writer=None, root=None
+    ):
         self.cfg, self.cache, self.initial_weight, self.writer = cfg, cache, initial_weight, writer
+        self.root = root
         self.train = cache.splits["train"]
         self.images = self.train.rows_of_view(0)  # one row per training image
         self.counts = np.bincount(self.train.labels[self.images], minlength=cfg.data.num_classes)
         self.device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
+        self.epochs = CachedEpochs(cfg, self.train, self.device)
+
+    def directory(self, w1: float) -> Path:
+        return classifier_dir(self.cfg, w1) if self.root is None else Path(self.root) / f"w1_{w1:.2f}"
 
     def fit(self, w1: float) -> dict:
         """Train (or reuse) the classifier for fusion weight w1; returns its report."""
         s2 = self.cfg.stage2
         w2 = round(1.0 - w1, 6)
         check_fusion_weights(w1, w2)
-        out = classifier_dir(self.cfg, w1)
+        out = self.directory(w1)
         inputs = stage_inputs(at_w1(self.cfg, w1), "classifier", upstream={"cache": self.cache.cache_id})
         identity = stage_identity(self.cfg, "classifier", inputs)
         done = out / "report.json"
@@ -162,24 +248,18 @@ class ClassifierTrainer:
             print(f"classifier w1={w1:.2f}: complete in {out}, skipped", flush=True)
             return json.loads(done.read_text())
         head, train_step = self.new_classifier()
-        steps = self.steps_per_epoch
-        for epoch in range(s2.epochs):
-            tick = time.perf_counter()
-            mean_loss = self.train_epoch(train_step, epoch, w1, w2)
-            if not math.isfinite(mean_loss):  # read once an epoch, for the progress line anyway
-                raise StageFailed(
-                    f"[classifier w1={w1:.2f}] the loss is {mean_loss:g} at epoch {epoch + 1}: training "
-                    f"diverged (stage2.lr {s2.lr:g}); nothing was written to {out}"
-                )
-            seconds = time.perf_counter() - tick
-            lr = cosine_lr(s2.lr, (epoch + 1) * steps, s2.epochs * steps)
+
+        def progress(epoch: int, loss: float, seconds: float) -> None:
+            lr = cosine_lr(s2.lr, (epoch + 1) * self.epochs.steps, s2.epochs * self.epochs.steps)
             print(
-                f"[classifier w1={w1:.2f}] epoch {epoch + 1}/{s2.epochs} loss {mean_loss:.4f} "
+                f"[classifier w1={w1:.2f}] epoch {epoch + 1}/{s2.epochs} loss {loss:.4f} "
                 f"lr {lr:.4g} {seconds:.2f} s ({len(self.images) / seconds:,.0f} rows/s)",
                 flush=True,
             )
             if self.writer:
-                self.writer.add_scalar(f"classifier_w1_{w1:.2f}/loss", mean_loss, epoch + 1)
+                self.writer.add_scalar(f"classifier_w1_{w1:.2f}/loss", loss, epoch + 1)
+
+        self.epochs.train(train_step, w1, "balanced", f"classifier w1={w1:.2f}", progress=progress)
         report = {
             "identity": identity,
             "w1": w1,
@@ -197,10 +277,6 @@ class ClassifierTrainer:
         print(f"[classifier w1={w1:.2f}] test top-1 {test['top1']:.2f} top-5 {test['top5']:.2f}", flush=True)
         return report
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.images) / self.cfg.stage2.batch_size)
-
     def new_classifier(self) -> tuple[CosineHead, ClassifierStep]:
         """A cosine head initialised from the KPS head, and its training step."""
         s2 = self.cfg.stage2
@@ -211,25 +287,6 @@ class ClassifierTrainer:
         # the cache's labels were written from validated splits (the fingerprint holds num_classes)
         loss_fn = LDAMLoss(self.counts, max_m=s2.ldam_max_m, s=s2.ldam_s).trusting_labels().to(self.device)
         return head, ClassifierStep(head, loss_fn, s2.momentum, s2.weight_decay)
-
-    def train_epoch(self, train_step: ClassifierStep, epoch: int, w1: float, w2: float) -> float:
-        """One epoch of class-balanced draws; returns the mean loss."""
-        s2, steps = self.cfg.stage2, self.steps_per_epoch
-        # Class-balanced draws over every cached view; one epoch = as many draws as images.
-        order = epoch_order(self.train.labels, "balanced", self.cfg.seed, epoch)[: len(self.images)]
-        labels = torch.from_numpy(self.train.labels)
-        total, chunk = torch.zeros((), device=self.device), s2.batch_size * GATHER_BATCHES
-        for begin in range(0, len(order), chunk):
-            rows = order[begin : begin + chunk]
-            stored = self.train.gather(rows)
-            targets = labels[rows].to(self.device, non_blocking=True)
-            for offset in range(0, len(rows), s2.batch_size):
-                step = epoch * steps + (begin + offset) // s2.batch_size
-                batch = {k: v[offset : offset + s2.batch_size] for k, v in stored.items()}
-                features = self.train.fuse(batch, w1, w2).to(self.device, non_blocking=True)
-                lr = cosine_lr(s2.lr, step, s2.epochs * steps)
-                total += train_step(features, targets[offset : offset + s2.batch_size], lr)
-        return total.item() / steps
 
     def _save(self, out: Path, head: CosineHead, report: dict) -> None:
         weight = head.weight.detach().cpu().clone()
@@ -246,16 +303,12 @@ def val_choice(reports: list[dict]) -> dict | None:
 def sweep_table(reports: list[dict]) -> str:
     chosen = val_choice(reports)
     rows = [
-        "| w1 (KPS) | w2 (CE) | val top-1 | top-1 | top-5 | many | medium | few |",
-        "|---|---|---|---|---|---|---|---|",
+        [f"{r['w1']:.1f}" + (" (chosen on val)" if r is chosen else ""), f"{r['w2']:.1f}"]
+        + [number((r.get("val") or {}).get("top1"))]
+        + accuracy_cells(r["test"], SWEEP_COLUMNS)
+        for r in reports
     ]
-    for r in reports:
-        t = r["test"]
-        cells = ["-" if t[k] is None else f"{t[k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")]
-        val = f"{r['val']['top1']:.2f}" if r.get("val") else "-"
-        mark = " (chosen on val)" if r is chosen else ""
-        rows.append(f"| {r['w1']:.1f}{mark} | {r['w2']:.1f} | {val} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    return markdown_table(["w1 (KPS)", "w2 (CE)", "val top-1", *column_names(SWEEP_COLUMNS)], rows)
 
 
 def plot_sweep(reports: list[dict], path: Path, title: str) -> None:

@@ -30,8 +30,8 @@ from ffn_dist.run import (
     write_text,
 )
 from ffn_dist.rundir import holds_run_dir
+from ffn_dist.tables import ACCURACY_COLUMNS, accuracy_cells, column_names, markdown_table
 
-COLUMNS = ("top1", "top5", "many", "medium", "few", "head", "tail")
 TSNE_POINTS = 2000
 
 
@@ -70,16 +70,11 @@ def collect_results(cfg: Config) -> dict:
     return results
 
 
-def markdown_table(methods: dict[str, dict]) -> str:
-    names = {"top1": "top-1", "top5": "top-5", "head": "head half", "tail": "tail half"}
-    rows = [
-        "| method | " + " | ".join(names.get(c, c) for c in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
-    ]
-    for method, report in methods.items():
-        cells = ["-" if report.get(c) is None else f"{report[c]:.2f}" for c in COLUMNS]
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def accuracy_table(methods: dict[str, dict]) -> str:
+    """One row per method: its test accuracies (%)."""
+    return markdown_table(
+        ["method", *column_names()], [[name, *accuracy_cells(report)] for name, report in methods.items()]
+    )
 
 
 def plot_per_class(results: dict, path: Path) -> None:
@@ -132,7 +127,7 @@ def _evaluate(cfg: Config, tsne: bool) -> dict:
 
     results = collect_results(cfg)
     out = report_dir(cfg)
-    table = markdown_table(results["methods"])
+    table = accuracy_table(results["methods"])
     write_json(out / "report.json", results)
     write_text(
         out / "report.md",
@@ -144,7 +139,7 @@ def _evaluate(cfg: Config, tsne: bool) -> dict:
         plot_tsne(cfg, out / "tsne.png")
     with SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "evaluate")) as writer:
         for method, report in results["methods"].items():
-            for column in COLUMNS:
+            for column in ACCURACY_COLUMNS:
                 if report.get(column) is not None:
                     writer.add_scalar(f"test/{column}/{method}", report[column], 0)
     print(f"\ntest accuracy (%), {cfg.name}:\n{table}\n(report, table and plots in {out})", flush=True)
