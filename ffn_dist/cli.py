@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = bench_sub.add_parser(
         "gpu", help="the GPU paths, one part at a time: ResNet-50 bf16 step, cache, stage 2 (CUDA only)"
     )
-    gpu.add_argument("--part", choices=["stage1", "cache", "stage2"], required=True)
+    gpu.add_argument("--part", choices=["jpegs", "stage1", "cache", "stage2"], required=True)
     gpu.add_argument("--work-dir", default="runs/gpu_check/work", help="generated JPEGs, scratch caches")
     gpu.add_argument("--stage2-rows", type=int, default=115846, help="synthetic cache rows (ImageNet-LT)")
     gpu.add_argument("--images", type=int, default=2048, help="generated 400x350 JPEGs")

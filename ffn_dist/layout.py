@@ -7,7 +7,8 @@ Ranks are numbered as torchrun and SLURM number them (rank = node x processes pe
 local rank). A rank uses GPU `local_rank % gpus` of its node, so processes that outnumber the
 GPUs share them. NCCL refuses a communicator with two ranks on one GPU, so a branch's group
 uses NCCL only when its ranks hold distinct GPUs, and gloo otherwise (it reduces CUDA tensors
-through host memory); world-level coordination (barriers, small objects) is always on gloo.
+through host memory), and under DDP a group of one rank uses gloo too; world-level
+coordination (barriers, small objects) is always on gloo.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def plan_groups(placements: list[Placement], kps_ranks: int | None, engine: str)
     for name, ranks in branch_ranks(len(placements), kps_ranks).items():
         members = tuple(placements[r] for r in ranks)
         backend = group_backend(list(members))
+        if len(members) == 1 and engine == "ddp":
+            # One rank: no DDP and only a few flags cross the group, which gloo carries without
+            # the GPU memory and start-up of an NCCL communicator. (DeepSpeed keeps NCCL.)
+            backend = "gloo"
         if engine == "deepspeed" and backend == "gloo" and members[0].gpu is not None:
             gpus = len({p.gpu for p in placements if p.host == members[0].host})
             raise FFNError(

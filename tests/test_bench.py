@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ffn_dist.bench.accuracy import summarise_runs
-from ffn_dist.bench.timing import median_ratio
+from ffn_dist.bench.timing import interleaved_runs, median_ratio
 from ffn_dist.tables import over_seeds, spread
 from tests.conftest import REPO, run_ffn
 from tests.test_run import SHORT
@@ -113,6 +113,20 @@ def test_bench_cache_compares_extraction_with_a_plain_forward(tmp_path):
     assert 1.0 < figures["size_vs_payload"] < 1.2
 
 
+def test_warm_up_rounds_are_run_and_left_out():
+    calls = {"a": 0, "b": 0}
+
+    def counter(name):
+        def run():
+            calls[name] += 1
+            return float(calls[name])
+
+        return run
+
+    runs = interleaved_runs({"a": counter("a"), "b": counter("b")}, rounds=2, warmup=1)
+    assert runs == {"a": [2.0, 3.0], "b": [2.0, 3.0]} and calls == {"a": 3, "b": 3}
+
+
 def test_median_ratio_pairs_the_rounds():
     # per-round ratios 2, 3, 4: the median pairs each round with its own, not medians with medians
     assert median_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
@@ -145,19 +159,23 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
         OMP_NUM_THREADS="1",
     )
     result = subprocess.run(
-        ["bash", REPO / "scripts" / "gpu_check.sh"], capture_output=True, text=True, timeout=900, env=env
+        ["bash", REPO / "scripts" / "gpu_check.sh", "acceptance"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = {p.name for p in (tmp_path / "out").iterdir()}  # what a device call brings back: few files
-    assert out == {"cache.log", "demo.log", "stage1.log", "stage2.log", "gpu_check.json", "nvidia-smi.txt"}
-    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    logs = {f"{part}.log" for part in ("jpegs", "stage1", "cache", "stage2", "demo")}
+    assert out == {*logs, "gpu_check_acceptance.json", "nvidia-smi.txt"}
+    check = json.loads((tmp_path / "out" / "gpu_check_acceptance.json").read_text())
     assert {name: part["status"] for name, part in check["parts"].items()} == {
-        "stage1": "completed",
-        "cache": "completed",
-        "stage2": "completed",
-        "demo": "completed",
-        "paper": "skipped",
+        part: "completed" for part in ("jpegs", "stage1", "cache", "stage2", "demo")
     }
+    assert check["jpegs"]["images"] == 10 and len(list((tmp_path / "work" / "jpegs").glob("*.jpg"))) == 10
+    machine = check["machine"]
+    assert 1 <= machine["cores_usable"] <= machine["cores"] and machine["dev_shm_bytes"] > 0
     assert "nvidia.dali" in check["dali_missing"]
     stage1 = check["stage1"]
     assert stage1["loader"] == "torch" and stage1["dali_mixed_img_s"] is None
@@ -167,6 +185,22 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
     assert check["stage2"]["large"]["rows"] == 2000 and check["stage2"]["large_epoch_vs_matmul_bound"] > 0
     assert set(check["demo"]["top1"]) == {"CE", "KPS", "FFN (w1=0.5)"} and check["demo"]["wall_s"] >= 0
     assert "| FFN (w1=0.5) |" in check["demo"]["table"]
+    # the second call, the paper schedule alone: without the archive it fails saying where it
+    # looked, and an older run's figures left in the work directory are not reported as its own
+    stale = tmp_path / "work" / "accuracy" / "paper" / "accuracy.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"figures": "from an older run"}))
+    paper = subprocess.run(
+        ["bash", REPO / "scripts" / "gpu_check.sh", "paper"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert paper.returncode == 1 and "no CIFAR-10 archive at" in paper.stderr and ".data/" in paper.stderr
+    check = json.loads((tmp_path / "out" / "gpu_check_paper.json").read_text())
+    assert check["parts"] == {"paper": {"status": "no_archive", "exit_status": None, "seconds": 0}}
+    assert "paper" not in {k for k in check if k != "parts"} and not stale.exists()
 
 
 def _accuracies(top1):

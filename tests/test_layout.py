@@ -17,19 +17,23 @@ def test_any_number_of_processes_on_any_number_of_gpus(gpus, nproc):
     for name, plan in plans.items():
         members = [placements[r] for r in plan.ranks]
         distinct = len(set(members)) == len(members)
-        # NCCL exactly where no two ranks of the group hold one GPU, which NCCL would refuse
-        assert plan.backend == ("nccl" if distinct else "gloo"), (name, plan)
+        # NCCL exactly where no two ranks of the group hold one GPU, which NCCL would refuse,
+        # and the group has something to carry (one rank: no DDP, a few flags)
+        assert plan.backend == ("nccl" if distinct and len(members) > 1 else "gloo"), (name, plan)
     if nproc == 1:  # one process trains both branches
         assert plans["ce"].ranks == plans["kps"].ranks == (0,)
     else:
         assert sorted(plans["ce"].ranks + plans["kps"].ranks) == list(range(nproc))
 
 
-def test_the_one_gpu_demo_layout_trains_both_branches_side_by_side_on_nccl():
+def test_the_one_gpu_demo_layout_trains_both_branches_side_by_side_without_nccl():
     plans = plan_groups(planned_placements(1, 2, 1), None, "ddp")
     assert plans["ce"].ranks == (0,) and plans["kps"].ranks == (1,)
     assert plans["ce"].placements == plans["kps"].placements == (Placement("node0", 0),)
-    assert plans["ce"].backend == plans["kps"].backend == "nccl"  # one rank per communicator
+    # a group of one rank carries a few flags: gloo, with no NCCL communicator's GPU memory
+    assert plans["ce"].backend == plans["kps"].backend == "gloo"
+    ds = plan_groups(planned_placements(1, 2, 1), None, "deepspeed")
+    assert ds["ce"].backend == ds["kps"].backend == "nccl"  # DeepSpeed's communication needs it
 
 
 @pytest.mark.parametrize(
@@ -37,7 +41,7 @@ def test_the_one_gpu_demo_layout_trains_both_branches_side_by_side_on_nccl():
     [
         (4, 1, None, ("gloo", "gloo")),
         (4, 2, None, ("nccl", "nccl")),
-        (3, 2, None, ("nccl", "nccl")),  # ranks on GPUs 0 | 1, 0
+        (3, 2, None, ("nccl", "gloo")),  # CE ranks on GPUs 0, 1; KPS one rank on GPU 0
         (10, 4, 4, ("gloo", "nccl")),  # CE: 6 ranks on 4 GPUs; KPS: ranks 6-9 on GPUs 2, 3, 0, 1
     ],
 )
@@ -60,7 +64,7 @@ def test_several_nodes():
     assert plans["ce"].placements == (Placement("node0", 0),) * 2 and plans["ce"].backend == "gloo"
     # unless the groups are cut across the nodes: KPS takes rank 3 only
     plans = plan_groups(planned_placements(2, 2, 1), 1, "ddp")
-    assert plans["ce"].backend == "gloo" and plans["kps"].backend == "nccl"
+    assert plans["ce"].backend == "gloo" and plans["kps"].backend == "gloo"  # KPS: one rank
 
 
 def test_cpu_ranks_are_on_gloo():

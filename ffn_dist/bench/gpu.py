@@ -1,5 +1,7 @@
 """`ffn bench gpu --part P` (run part by part by scripts/gpu_check.sh): the GPU paths on one device.
 
+- `jpegs`: generate the ImageNet-sized JPEGs the next parts read, on every core, so that no
+  timed part pays for them.
 - `stage1`: a ResNet-50 stage-1 step in bf16 with channels_last against a bare PyTorch loop,
   on synthetic batches delivered as the loader delivers them, and fed by the loader from
   generated ImageNet-sized JPEGs (`ffn bench train`); whether a step synchronises with the
@@ -31,7 +33,7 @@ from ffn_dist.data.loader import build_loader, dali_missing
 from ffn_dist.errors import FFNError
 
 CONFIG = shipped_configs() / "imagenet_lt_r50.yaml"
-PARTS = ("stage1", "cache", "stage2")
+PARTS = ("jpegs", "stage1", "cache", "stage2")
 IMAGENET_LT_TRAIN = 115846
 
 
@@ -98,11 +100,11 @@ def _stage1(work: Path, images: int, batch_size: int, steps: int, rounds: int) -
     return figures
 
 
-def _cache(work: Path, images: int, batch_size: int) -> dict:
+def _cache(work: Path, images: int, batch_size: int, rounds: int) -> dict:
     # 4 views of every image: enough passes that the job's fixed costs (checkpoint hashes,
     # the manifest) weigh as little as they do on ImageNet-LT's 115,846 x 5 views.
     cfg = _imagenet_like(work, images, batch_size, "cache.train_views=4", f"cache.batch_size={batch_size}")
-    return bench_cache(cfg, rounds=1, work_dir=str(work))
+    return bench_cache(cfg, rounds, work_dir=str(work))
 
 
 def _stage2(work: Path, rows: int, steps: int, rounds: int) -> dict:
@@ -133,10 +135,14 @@ def bench_gpu(
         print(f"DALI is not installed ({missing}): its figures are skipped, the torch loader feeds")
     figures = {"part": part, "machine": machine(), "versions": versions(), "batch_size": batch_size}
     figures["dali_missing"] = missing
-    if part == "stage1":
+    if part == "jpegs":
+        start = time.perf_counter()
+        _jpegs(work, images)
+        figures[part] = {"images": images, "seconds": round(time.perf_counter() - start, 1)}
+    elif part == "stage1":
         figures[part] = _stage1(work, images, batch_size, steps, rounds)
     elif part == "cache":
-        figures[part] = _cache(work, images, batch_size)
+        figures[part] = _cache(work, images, batch_size, rounds)
     else:
         figures[part] = _stage2(work, stage2_rows, steps, rounds)
     return figures

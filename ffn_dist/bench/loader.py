@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +31,22 @@ LARGE_SIZE = (400, 350)
 
 
 def write_large_jpegs(out_dir: Path, count: int, seed: int = 0) -> Path:
-    """Smooth random colour fields with texture, so JPEG sizes resemble photographs."""
-    rng = np.random.default_rng(seed)
+    """Smooth random colour fields with texture, so JPEG sizes resemble photographs; written
+    by every core (image i drawn from (seed, i) alone, so the files do not depend on it)."""
     w, h = LARGE_SIZE
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    entries = []
-    for i in range(count):
+
+    def write(i: int) -> tuple[str, int]:
+        rng = np.random.default_rng([seed, i])
         coeffs = rng.normal(size=(3, 4))
         base = np.stack([c[0] * xx + c[1] * yy + c[2] * np.sin(8 * xx * c[3]) for c in coeffs], -1)
         pixels = (base - base.min()) / (np.ptp(base) + 1e-9) * 200 + rng.normal(0, 12, (h, w, 3))
         name = f"img_{i:05d}.jpg"
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out_dir / name, quality=90)
-        entries.append((name, i % 10))
+        return name, i % 10
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy and PIL's encoder release the GIL
+        entries = list(pool.map(write, range(count)))
     write_split(out_dir / "train.txt", entries)
     return out_dir / "train.txt"
 

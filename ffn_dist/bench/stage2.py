@@ -79,7 +79,7 @@ def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
 
     def run() -> float:
         start = time.perf_counter()
-        trainer.epochs.epoch(train_step, next(epochs), cfg.stage2.w1)
+        trainer.epochs.epoch(train_step, next(epochs), cfg.stage2.w1).item()  # waits for the device
         return time.perf_counter() - start
 
     return run, trainer.epochs.steps

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,11 +24,39 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),  # what a container or SLURM leaves this process
+        "torch_threads": torch.get_num_threads(),
+        # the torch loader's workers hand batches over in shared memory: a 64 MB /dev/shm (a
+        # container's default) cannot hold one 256 x 3 x 224 x 224 fp32 batch (154 MB)
+        "dev_shm_bytes": shutil.disk_usage("/dev/shm").total if Path("/dev/shm").is_dir() else None,
+        "gpu": None,
+    }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpus"] = torch.cuda.device_count()
+        properties = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpus=torch.cuda.device_count(),
+            gpu_memory_bytes=properties.total_memory,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=_driver_version(),
+        )
     return info
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver, as nvidia-smi reports it (torch does not say)."""
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip().splitlines()[0] if found.returncode == 0 and found.stdout.strip() else None
 
 
 def versions() -> dict:

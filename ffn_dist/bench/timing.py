@@ -33,8 +33,13 @@ def endless_batches(loader):
         epoch += 1
 
 
-def interleaved_runs(runners: dict, rounds: int) -> dict[str, list[float]]:
-    """Run every runner once per round, alternating, so machine noise hits all alike."""
+def interleaved_runs(runners: dict, rounds: int, warmup: int = 0) -> dict[str, list[float]]:
+    """Run every runner once per round, alternating, so machine noise hits all alike; after
+    `warmup` untimed rounds, so that none pays alone for first calls (workers starting, cuDNN
+    choosing its kernels, caches filling)."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
     results = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
@@ -46,8 +51,8 @@ def medians(runs: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def interleaved_medians(runners: dict, rounds: int) -> dict[str, float]:
-    return medians(interleaved_runs(runners, rounds))
+def interleaved_medians(runners: dict, rounds: int, warmup: int = 0) -> dict[str, float]:
+    return medians(interleaved_runs(runners, rounds, warmup))
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:

@@ -98,6 +98,15 @@ def exclude_bad_images(split: Split, workers: int, rank: int, size: int, group=N
     return split.without(b.index for b in mine) if mine else split
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stalling: pinned first on CUDA (from torch's caching
+    pinned allocator, so a repeated size costs no allocation), since the driver stages a
+    "non-blocking" copy from pageable memory synchronously."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -261,9 +261,12 @@ class MemoryLoader(Loader):
     def __iter__(self):
         epoch, seed = self.epoch, self.sampler.seed
         order = torch.from_numpy(self.epoch_indices(epoch))
+        # One copy an epoch: a batch's positions are a slice of it on the device, so no step
+        # waits on (or stages) a host-to-device copy.
+        on_device = order.to(self.device, non_blocking=True)
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            positions = indices.to(self.device, non_blocking=True)
+            positions = on_device[start : start + self.batch_size]
             if self.spec.pad_crop:
                 images = random_crops(self.pixels, positions, seed, epoch)
             else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ffn_dist.data.loader import to_device
+
 
 def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.random.Generator):
     """Return (mixed images, y_a, y_b, lam); the loss is lam*L(y_a) + (1-lam)*L(y_b).
@@ -14,7 +16,6 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, rng: np.rand
     if alpha <= 0:
         return images, labels, labels, 1.0
     lam = float(rng.beta(alpha, alpha))
-    # non_blocking: a synchronous copy to the GPU would wait for the queued kernels every step
-    perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device, non_blocking=True)
+    perm = to_device(torch.from_numpy(rng.permutation(images.shape[0])), images.device)
     mixed = lam * images + (1.0 - lam) * images[perm]
     return mixed, labels, labels[perm], lam

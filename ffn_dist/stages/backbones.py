@@ -288,7 +288,7 @@ class BranchTrainer:
         """One optimisation step of the branch: mixup, forward, loss, backward, update."""
         self.engine.set_lr(lr)
         images = place_images(images, self.world.device)
-        labels = labels.to(self.world.device)
+        labels = labels.to(self.world.device, non_blocking=True)  # a blocking copy waits for the GPU
         images, y_a, y_b, lam = mixup(images, labels, self.cfg.stage1.mixup_alpha, rng)
         with autocast(self.world.device, self.cfg.model.precision):
             logits = self.engine.forward(images)

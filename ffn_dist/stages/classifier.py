@@ -21,6 +21,7 @@ import torch
 from ffn_dist.cache.store import CachedSplit, FeatureCache
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config
+from ffn_dist.data.loader import to_device
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.losses import LDAMLoss
@@ -148,10 +149,10 @@ class CachedEpochs:
 
     An epoch draws as many rows as there are training images, from every cached view,
     class-balanced ('balanced') or instance-balanced ('shuffle'); gathers them a chunk of
-    GATHER_BATCHES batches at a time; and calls `step(features, labels, lr)` on each batch of
-    fused embeddings at the cosine-decayed learning rate. A step returns the batch's loss as
-    a tensor: it is summed on the device and read once an epoch, so a GPU step never waits on
-    the host.
+    GATHER_BATCHES batches at a time and moves the chunk to the device in one (pinned)
+    copy; and calls `step(features, labels, lr)` on each batch of fused embeddings at the
+    cosine-decayed learning rate. A step returns the batch's loss as a tensor: it is summed
+    on the device and read once an epoch, so a GPU step never waits on the host.
     """
 
     def __init__(self, cfg: Config, split: CachedSplit, device: torch.device):
@@ -163,30 +164,29 @@ class CachedEpochs:
     def steps(self) -> int:
         return math.ceil(self.images / self.cfg.stage2.batch_size)
 
-    def epoch(self, step, epoch: int, w1: float, order: str = "balanced") -> float:
-        """One epoch; returns its mean loss."""
+    def epoch(self, step, epoch: int, w1: float, order: str = "balanced") -> torch.Tensor:
+        """One epoch; returns its mean loss as a tensor on the device (reading it waits)."""
         s2, steps, w2 = self.cfg.stage2, self.steps, round(1.0 - w1, 6)
         draws = epoch_order(self.split.labels, order, self.cfg.seed, epoch)[: self.images]
         total, chunk = torch.zeros((), device=self.device), s2.batch_size * GATHER_BATCHES
         for begin in range(0, len(draws), chunk):
             rows = draws[begin : begin + chunk]
-            stored = self.split.gather(rows)
-            targets = self.labels[rows].to(self.device, non_blocking=True)
+            stored = {k: to_device(v, self.device) for k, v in self.split.gather(rows).items()}
+            targets = to_device(self.labels[rows], self.device)
             for offset in range(0, len(rows), s2.batch_size):
                 index = epoch * steps + (begin + offset) // s2.batch_size
                 batch = {k: v[offset : offset + s2.batch_size] for k, v in stored.items()}
-                features = self.split.fuse(batch, w1, w2).to(self.device, non_blocking=True)
                 lr = cosine_lr(s2.lr, index, s2.epochs * steps)
-                total += step(features, targets[offset : offset + s2.batch_size], lr)
-        return total.item() / steps
+                total += step(self.split.fuse(batch, w1, w2), targets[offset : offset + s2.batch_size], lr)
+        return total / steps
 
     def train(self, step, w1: float, order: str, name: str, epochs=None, progress=None) -> None:
         """`epochs` (default: all of stage2.epochs) of `step`; stops on a non-finite loss.
         `progress(epoch, loss, seconds)` is called after each epoch."""
         for epoch in epochs if epochs is not None else range(self.cfg.stage2.epochs):
             tick = time.perf_counter()
-            loss = self.epoch(step, epoch, w1, order)
-            if not math.isfinite(loss):  # read once an epoch, for the progress line anyway
+            loss = self.epoch(step, epoch, w1, order).item()  # once an epoch, for the progress line anyway
+            if not math.isfinite(loss):
                 raise StageFailed(
                     f"[{name}] the loss is {loss:g} at epoch {epoch + 1}: training diverged "
                     f"(stage2.lr {self.cfg.stage2.lr:g}); nothing was written"
