@@ -201,3 +201,21 @@ def test_two_torch_loaders_cannot_be_read_at_once(demo_root, worker_starts):
     next(iter(second))  # takes the shared workers over
     with pytest.raises(RuntimeError, match="two torch loaders were iterated at once"):
         next(reading)
+
+
+def test_a_batch_comes_in_parts_where_an_epoch_has_fewer_batches_than_workers(demo_root, worker_starts):
+    """Every worker gets work (an epoch of 8 batches once kept 8 of 16 workers idle), and the
+    batch is the one a single worker would make."""
+    split = demo_split(demo_root, "train.txt", is_train=True).subset(range(40))  # one batch of 40
+
+    def loader(workers):
+        cfg = data_cfg(demo_root, f"data.num_threads={workers}", "data.batch_size=64")
+        return build_loader(cfg, split, train=True, backend="torch", order="sequential")
+
+    parted = loader(2)
+    requests = list(parted.requests())
+    assert [len(r.paths) for r in requests] == [20, 20] and [r.ends_batch for r in requests] == [False, True]
+    (joined,), (whole,) = list(parted), list(loader(1))
+    assert torch.equal(joined.images, whole.images) and torch.equal(joined.labels, whole.labels)
+    assert joined.indices.tolist() == whole.indices.tolist() == list(range(40))
+    assert loader(2).parts_per_batch(452) == 1  # ImageNet-LT's epochs: whole batches, as before

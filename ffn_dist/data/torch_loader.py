@@ -5,7 +5,9 @@ worker count: a loader hands them self-contained batch requests (files, labels, 
 transform), so a new epoch, a new split or a new transform (the evaluation after a training
 epoch, the cache's passes over views and splits) reuses the running workers. Starting them
 costs seconds (a fresh interpreter importing torch per worker); paid per epoch or per cache
-pass it once dominated short jobs on a GPU.
+pass it once dominated short jobs on a GPU. Where an epoch has fewer batches than there are
+workers (2,048 images at batch 256 for 16 workers), a batch is requested in parts, so that
+every worker has work; the parts are joined on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _BatchRequest:
     epoch: int
     seed: int
     spec: TransformSpec
+    ends_batch: bool = True  # the last part of its batch
 
 
 class _Decoder(Dataset):
@@ -62,7 +65,7 @@ class _Decoder(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((request.seed, request.epoch, int(index))) % 2**63)
                 images[i] = transform(image)
-        return images, torch.from_numpy(request.labels), torch.from_numpy(indices)
+        return images, torch.from_numpy(request.labels), torch.from_numpy(indices), request.ends_batch
 
 
 class _WorkerPool(Sampler):
@@ -100,28 +103,39 @@ def worker_pool(workers: int, pin_memory: bool) -> _WorkerPool:
 
 
 class TorchLoader(Loader):
+    def parts_per_batch(self, batches: int) -> int:
+        """Enough parts that an epoch of `batches` has a request for every worker."""
+        return max(1, -(-self.num_threads // max(batches, 1)))
+
     def requests(self):
         epoch = self.epoch
         order = self.epoch_indices(epoch)
+        parts = self.parts_per_batch(-(-len(order) // self.batch_size))
         for start in range(0, len(order), self.batch_size):
-            chosen = order[start : start + self.batch_size]
-            paths = tuple(str(self.split.image_path(i)) for i in chosen)
-            labels = self.split.labels[chosen]
-            yield _BatchRequest(paths, labels, chosen, epoch, self.sampler.seed, self.spec)
+            batch = order[start : start + self.batch_size]
+            pieces = np.array_split(batch, min(parts, len(batch)))
+            for number, chosen in enumerate(pieces):
+                paths = tuple(str(self.split.image_path(i)) for i in chosen)
+                labels = self.split.labels[chosen]
+                last = number == len(pieces) - 1
+                yield _BatchRequest(paths, labels, chosen, epoch, self.sampler.seed, self.spec, last)
 
     def __iter__(self):
         # Pinned batches on CUDA, so the copies below overlap with the GPU's work.
         pool = worker_pool(self.num_threads, pin_memory=self.device.type == "cuda")
         pool.generation += 1
         pool.serving, generation = self, pool.generation
-        for images, labels, indices in pool.dataloader:
+        parts = []
+        for images, labels, indices, ends_batch in pool.dataloader:
             if pool.generation != generation:
                 raise RuntimeError("two torch loaders were iterated at once: they share one worker pool")
             if (indices < 0).any():
                 bad = -1 - int(indices[indices < 0][0])
                 raise bad_image_error(self.split, bad)
-            yield Batch(
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-                indices,
-            )
+            # each part's copy starts now, from pinned memory; the parts are joined on the device
+            on_device = (t.to(self.device, non_blocking=True) for t in (images, labels))
+            parts.append((*on_device, indices))
+            if ends_batch:
+                columns = zip(*parts, strict=True)
+                yield Batch(*(torch.cat(c) if len(parts) > 1 else c[0] for c in columns))
+                parts = []
