@@ -208,14 +208,16 @@ def test_a_batch_comes_in_parts_where_an_epoch_has_fewer_batches_than_workers(de
     batch is the one a single worker would make."""
     split = demo_split(demo_root, "train.txt", is_train=True).subset(range(40))  # one batch of 40
 
-    def loader(workers):
-        cfg = data_cfg(demo_root, f"data.num_threads={workers}", "data.batch_size=64")
+    def loader():
+        cfg = data_cfg(demo_root, "data.num_threads=2", "data.batch_size=64")
         return build_loader(cfg, split, train=True, backend="torch", order="sequential")
 
-    parted = loader(2)
+    parted, unparted = loader(), loader()
+    unparted.parts_per_batch = lambda batches: 1  # as before: one request a batch
     requests = list(parted.requests())
     assert [len(r.paths) for r in requests] == [20, 20] and [r.ends_batch for r in requests] == [False, True]
-    (joined,), (whole,) = list(parted), list(loader(1))
+    (joined,), (whole,) = list(parted), list(unparted)
     assert torch.equal(joined.images, whole.images) and torch.equal(joined.labels, whole.labels)
     assert joined.indices.tolist() == whole.indices.tolist() == list(range(40))
-    assert loader(2).parts_per_batch(452) == 1  # ImageNet-LT's epochs: whole batches, as before
+    assert parted.parts_per_batch(452) == 1  # ImageNet-LT's epochs: whole batches, as before
+    assert len(worker_starts) == 1  # one pool served both
