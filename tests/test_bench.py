@@ -158,13 +158,12 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
         CIFAR_ARCHIVE=str(tmp_path / "absent.tar.gz"),
         OMP_NUM_THREADS="1",
     )
-    result = subprocess.run(
-        ["bash", REPO / "scripts" / "gpu_check.sh", "acceptance"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+
+    def gpu_check(call: str, timeout: int):
+        script = ["bash", REPO / "scripts" / "gpu_check.sh", call]
+        return subprocess.run(script, capture_output=True, text=True, timeout=timeout, env=env)
+
+    result = gpu_check("acceptance", 900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = {p.name for p in (tmp_path / "out").iterdir()}  # what a device call brings back: few files
     logs = {f"{part}.log" for part in ("jpegs", "stage1", "cache", "stage2", "demo")}
@@ -190,13 +189,7 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
     stale = tmp_path / "work" / "accuracy" / "paper" / "accuracy.json"
     stale.parent.mkdir(parents=True)
     stale.write_text(json.dumps({"figures": "from an older run"}))
-    paper = subprocess.run(
-        ["bash", REPO / "scripts" / "gpu_check.sh", "paper"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    paper = gpu_check("paper", 300)
     assert paper.returncode == 1 and "no CIFAR-10 archive at" in paper.stderr and ".data/" in paper.stderr
     check = json.loads((tmp_path / "out" / "gpu_check_paper.json").read_text())
     assert check["parts"] == {"paper": {"status": "no_archive", "exit_status": None, "seconds": 0}}
