@@ -57,9 +57,8 @@ def bench_export(archs: list[str], batch_size: int, rounds: int, work_dir: str |
                 "eager torch": eager,
                 **{f"{runtime} (exported)": ExportedModel(out, runtime).logits for runtime in files},
             }
-            for run in runners.values():  # warm: first calls allocate and plan
-                run(batch)
-            rates = interleaved_medians({name: _timed(run, batch) for name, run in runners.items()}, rounds)
+            timed = {name: _timed(run, batch) for name, run in runners.items()}
+            rates = interleaved_medians(timed, rounds, warmup=1)  # first calls allocate and plan
             figures[arch] = {
                 "image_size": size,
                 "classes": classes,

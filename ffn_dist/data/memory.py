@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ffn_dist.cache.shards import MappedShard, shard_problem, write_shard
-from ffn_dist.data.loader import Batch, Loader, bad_image_error
+from ffn_dist.data.loader import Batch, Loader, bad_image_error, to_device
 from ffn_dist.data.splits import Split
 from ffn_dist.data.transforms import PAD, TransformSpec, eval_geometry
 from ffn_dist.errors import FFNError
@@ -263,7 +263,7 @@ class MemoryLoader(Loader):
         order = torch.from_numpy(self.epoch_indices(epoch))
         # One copy an epoch: a batch's positions are a slice of it on the device, so no step
         # waits on (or stages) a host-to-device copy.
-        on_device = order.to(self.device, non_blocking=True)
+        on_device = to_device(order, self.device)
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             positions = on_device[start : start + self.batch_size]
