@@ -1,6 +1,6 @@
 """Checkpoints: written atomically, loaded with `weights_only=True`, the newest K kept.
 
-A checkpoint is `epoch_NNNN.pt` in its directory, written as `epoch_NNNN.pt.tmp` and
+A checkpoint is `epoch_NNNN.pt` in its directory, written under a temporary name and
 renamed when complete, so a kill during the write leaves the previous one as the latest.
 When each rank holds a shard of the optimizer state (ZeRO 1-2), the shards are written
 first as `epoch_NNNN.shardR.pt`, and `epoch_NNNN.pt`, renamed last, marks them complete.
@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from ffn_dist.errors import FFNError
-from ffn_dist.run import checkpoint_path, save_torch
+from ffn_dist.files import save_torch
 
 NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
 
@@ -28,6 +26,10 @@ class CheckpointError(FFNError):
 
 class ConfigMismatch(CheckpointError):
     pass
+
+
+def checkpoint_path(directory: Path, epoch: int) -> Path:
+    return Path(directory) / f"epoch_{epoch:04d}.pt"
 
 
 def shard_path(directory: Path, epoch: int, rank: int) -> Path:
@@ -67,6 +69,8 @@ def save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Path
 
 def load_checkpoint(path: Path, config_hash: str, safe_classes: tuple = ()) -> dict:
     """`safe_classes`: plain data classes an engine's state holds, allowed by name."""
+    import torch  # here, not at the top: the run's paths (and `ffn --help`) need no torch
+
     try:
         with torch.serialization.safe_globals(list(safe_classes)):
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -27,7 +27,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from ffn_dist.run import load_run_config, run_stage
+    from ffn_dist.run.history import load_run_config
+    from ffn_dist.run.stages import run_stage
 
     run_stage(load_run_config(args.run_dir), args.name)
     return 0
@@ -48,23 +49,26 @@ def cmd_cache_features(args) -> int:
 
 
 def cmd_train_classifier(args) -> int:
-    from ffn_dist.stages.classifier import parse_sweep, train_classifier
-    from ffn_dist.stages.methods import parse_methods, train_methods
+    from ffn_dist.drivers import parse_methods, parse_sweep, run_methods, run_sweep
+    from ffn_dist.stages.classifier import train_classifier
 
-    if args.methods:
-        train_methods(_config(args), parse_methods(args.methods), args.select, args.seeds)
-        return 0
-    if args.seeds != 1:
+    if args.sweep and args.methods:
+        raise FFNError("--sweep and --methods: give one (--methods chooses w1 on val itself)")
+    if args.seeds != 1 and not args.methods:
         raise FFNError("--seeds: repeats --methods with other seeds; add --methods all (or a list)")
-    sweep = parse_sweep(args.sweep) if args.sweep else None
-    train_classifier(_config(args), sweep)
+    if args.methods:
+        run_methods(_config(args), parse_methods(args.methods), args.seeds)
+    elif args.sweep:
+        run_sweep(_config(args), parse_sweep(args.sweep))
+    else:
+        train_classifier(_config(args))
     return 0
 
 
 def cmd_export(args) -> int:
     from ffn_dist.stages.export import export_run
 
-    export_run(_config(args), method=args.method, w1=args.w1)
+    export_run(_config(args))
     return 0
 
 
@@ -123,10 +127,10 @@ def cmd_submit(args) -> int:
 
 def cmd_status(args) -> int:
     from ffn_dist.launchers.slurm import job_states
-    from ffn_dist.run import run_status
+    from ffn_dist.run.status import run_status
 
     cfg = _config(args)
-    lines, failed = run_status(cfg)
+    lines, failed = run_status(cfg, verify=args.verify)
     print("\n".join(lines))
     jobs, job_failed = job_states(cfg)
     if jobs:
@@ -166,18 +170,40 @@ def cmd_splits_make_lt(args) -> int:
         args.test_per_class,
         args.val_per_class,
     )
-    counts = result["train_counts"]
-    val = f", val.txt ({result['val_size']} images)" if result["val_size"] else ""
-    print(
-        f"wrote {args.out}/train.txt ({sum(counts)} images, {len(counts)} classes, "
-        f"{max(counts)}..{min(counts)} per class), test.txt ({result['test_size']} images){val}"
-    )
-    print("train counts per class:", " ".join(map(str, counts)))
-    for name, moved in result["val_from_train"].items():
+    _print_written(args.out, {**result, "classes": len(result["train_counts"])}, val=True)
+    print("train counts per class:", " ".join(map(str, result["train_counts"])))
+    return 0
+
+
+def _print_written(out: str, result: dict, val: bool = False) -> None:
+    counts = result.get("train_counts")
+    shape = f", {max(counts)}..{min(counts)} per class" if counts else ""
+    train = sum(counts) if counts else result["train_size"]
+    line = f"wrote {out}/train.txt ({train} images, {result['classes']} classes{shape}), "
+    line += f"test.txt ({result['test_size']} images)"
+    print(line + (f", val.txt ({result['val_size']} images)" if val and result.get("val_size") else ""))
+    for name, moved in result.get("val_from_train", {}).items():
         print(
             f"val.txt: {moved} of class {name}'s images come from its training images (the long tail "
             "uses its whole pool), so its training count is that much below the profile's"
         )
+
+
+def cmd_splits_cifar(args) -> int:
+    from ffn_dist.data.cifar import write_cifar
+
+    result = write_cifar(
+        Path(args.archive), Path(args.out), args.imbalance_factor, args.seed, args.val_per_class
+    )
+    _print_written(args.out, result, val=True)
+    print("train counts per class:", " ".join(map(str, result["train_counts"])))
+    return 0
+
+
+def cmd_splits_inat(args) -> int:
+    from ffn_dist.data.inat import write_inat
+
+    _print_written(args.out, write_inat(args.train_json, args.val_json, args.out))
     return 0
 
 
@@ -203,9 +229,10 @@ def cmd_demo_data(args) -> int:
 
 def _write_json(result: dict, path: str | None) -> None:
     """A benchmark's figures, when --json-out names a file."""
+    from ffn_dist.files import write_json
+
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_json(path, result)
 
 
 def cmd_bench_loader(args) -> int:
@@ -249,6 +276,21 @@ def cmd_bench_cache(args) -> int:
 
     result = bench_cache(_config(args), args.rounds, args.work_dir)
     _write_json(result, args.json_out)
+    return 0
+
+
+def cmd_bench_freshness(args) -> int:
+    from ffn_dist.bench.freshness import bench_freshness
+
+    _write_json(bench_freshness(args.cache_gb, args.dims, args.rounds, args.work_dir), args.json_out)
+    return 0
+
+
+def cmd_bench_scale(args) -> int:
+    from ffn_dist.bench.scale import bench_scale
+
+    figures = bench_scale(_config(args), args.rows, args.dims, args.classes, args.work_dir, args.split_images)
+    _write_json(figures, args.json_out)
     return 0
 
 
@@ -303,7 +345,7 @@ def _add_config_args(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ffn_dist import __version__
-    from ffn_dist.run import STAGES
+    from ffn_dist.run.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="ffn", description="Feature Fusion Network, distributed.")
     parser.add_argument("--version", action="version", version=f"ffn-dist {__version__}")
@@ -341,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.set_defaults(func=cmd_cache_features)
 
-    classifier = sub.add_parser("train-classifier", help="stage 2b: LDAM cosine classifier on the cache")
+    classifier = sub.add_parser(
+        "train-classifier", help="stage 2b: the configured classifier (stage2.method) on the cache"
+    )
     _add_config_args(classifier)
     classifier.add_argument(
         "--sweep", default=None, metavar="w1=START:STOP:STEP", help="one classifier per fusion weight"
@@ -354,13 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
         "weight_balancing, ...; a wrong name lists them all)",
     )
     classifier.add_argument(
-        "--select",
-        choices=["auto", "val", "defaults"],
-        default="auto",
-        help="where --methods chooses hyperparameters and w1: val (auto: if the run has it) or the "
-        "published defaults",
-    )
-    classifier.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -369,13 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.set_defaults(func=cmd_train_classifier)
 
     export = sub.add_parser(
-        "export", help="the trained classifier as one model: ONNX, torch.export (.pt2), model.json"
+        "export",
+        help="the run's classifier as one model: ONNX, torch.export (.pt2), model.json "
+        "(another one: stage2.method=NAME stage2.w1=X)",
     )
     _add_config_args(export)
-    export.add_argument(
-        "--method", default="ffn", help="a classifier of fused features from `--methods` (default: ffn)"
-    )
-    export.add_argument("--w1", type=float, default=None, help="fusion weight (default: the run's)")
     export.set_defaults(func=cmd_export)
 
     predict = sub.add_parser("predict", help="classify images, or score a split, with an exported model")
@@ -411,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="each stage of the run: complete, stale (what changed), failed (why); SLURM jobs"
     )
     _add_config_args(status)
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every output whole (the cache's shards hashed), not only its size and time",
+    )
     status.set_defaults(func=cmd_status)
 
     show = sub.add_parser("show-config", help="print the fully resolved config")
@@ -448,6 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="also a balanced val.txt: this many per class from the training images the long tail left out",
     )
     make.set_defaults(func=cmd_splits_make_lt)
+
+    cifar = splits_sub.add_parser(
+        "cifar",
+        help="CIFAR-10/100-LT from the python archive: lossless PNGs, the literature's subset (LDAM-DRW's)",
+    )
+    cifar.add_argument("archive", help="cifar-10-python.tar.gz or cifar-100-python.tar.gz")
+    cifar.add_argument("--out", required=True, help="directory for the images and the split files")
+    cifar.add_argument("--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)")
+    cifar.add_argument("--seed", type=int, default=0, help="the seed of the subset (LDAM-DRW's rand_number)")
+    cifar.add_argument(
+        "--val-per-class", type=int, default=None, help="also a balanced val.txt, by make-lt's rule"
+    )
+    cifar.set_defaults(func=cmd_splits_cifar)
+
+    inat = splits_sub.add_parser("inat", help="iNaturalist 2018 split files from its JSON annotations")
+    inat.add_argument("train_json", help="train2018.json")
+    inat.add_argument("val_json", help="val2018.json (the test split)")
+    inat.add_argument("--out", required=True, help="directory for train.txt, test.txt, classes.txt")
+    inat.set_defaults(func=cmd_splits_inat)
 
     verify = splits_sub.add_parser("verify", help="decode every image, list the bad ones")
     verify.add_argument("file")
@@ -529,6 +588,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on the CPU (meaningless figures: tests the check itself)",
     )
     gpu.set_defaults(func=cmd_bench_gpu)
+    freshness = bench_sub.add_parser(
+        "freshness", help="`ffn status` and a rerun of a complete run, on a run with a large cache"
+    )
+    freshness.add_argument("--cache-gb", type=float, default=2.0, help="size of the synthetic cache")
+    freshness.add_argument("--dims", type=int, default=2048, help="embedding size (ResNet-50)")
+    freshness.add_argument("--rounds", type=int, default=3)
+    freshness.add_argument(
+        "--work-dir", default="runs/bench_freshness", help="the run (built once, reused by later calls)"
+    )
+    freshness.add_argument("--json-out", default=None)
+    freshness.set_defaults(func=cmd_bench_freshness)
+    scale = bench_sub.add_parser(
+        "scale",
+        help="iNaturalist 2018's scale: its split converted and read, stage 2 on a cache of its shape",
+    )
+    scale.add_argument("config", nargs="?", default="inat2018_r50")
+    scale.add_argument("overrides", nargs="*", metavar="a.b.c=value")
+    scale.add_argument(
+        "--rows", type=int, default=437513, help="synthetic cache rows (iNaturalist 2018 train)"
+    )
+    scale.add_argument("--dims", type=int, default=2048)
+    scale.add_argument("--classes", type=int, default=8142)
+    scale.add_argument("--split-images", type=int, default=437513, help="training images of the split")
+    scale.add_argument("--work-dir", default=None, help="where the synthetic files go (default: temp)")
+    scale.add_argument("--json-out", default=None)
+    scale.set_defaults(func=cmd_bench_scale)
     export_bench = bench_sub.add_parser(
         "export", help="exported model: file sizes, predict img/s (ONNX Runtime, torch.export, eager)"
     )

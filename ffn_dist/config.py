@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from ffn_dist.errors import FFNError
-from ffn_dist.run import write_text
+from ffn_dist.files import write_text
+from ffn_dist.models.backbones import BACKBONES
 
 
 class ConfigError(FFNError):
@@ -90,7 +91,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = opt(
-        "resnet32", choices=["resnet32", "resnet50"], doc="both backbones: ResNet-32 (CIFAR) or ResNet-50"
+        "resnet32",
+        choices=list(BACKBONES),
+        doc="both branches' backbone, by name (models/backbones.py): resnet32 (CIFAR), torchvision's ResNets",
+    )
+    pretrained: str | None = opt(
+        None,
+        doc="initialise both trunks from this local file (torchvision state dict, or a stage-1 checkpoint); "
+        "its contents are part of stage 1's identity",
     )
     precision: str = opt(
         "auto", choices=["auto", "fp32", "bf16"], doc="auto: bf16 autocast on CUDA, fp32 on CPU"
@@ -104,6 +112,11 @@ class Stage1Config:
     momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
     weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
     warmup_epochs: int = opt(5, ge=0, doc="linear warm-up length")
+    schedule: str = opt(
+        "step",
+        choices=["step", "cosine"],
+        doc="after the warm-up: step (lr_factors from lr_milestones) or cosine decay to 0 at the last epoch",
+    )
     lr_milestones: list[float] = opt(
         [160, 180], doc="epochs (may be fractional) at which lr_factors take effect"
     )
@@ -121,6 +134,11 @@ class Stage1Config:
     log_every: int = opt(20, ge=1, doc="console/TensorBoard interval in steps")
 
     def validate(self, prefix: str) -> None:
+        if self.schedule == "cosine" and self.lr_milestones:
+            raise ConfigError(
+                f"{prefix}lr_milestones: a cosine schedule has none, got {self.lr_milestones}; "
+                f"set {prefix}lr_milestones=[] {prefix}lr_factors=[] or {prefix}schedule=step"
+            )
         if len(self.lr_milestones) != len(self.lr_factors):
             raise ConfigError(
                 f"{prefix}lr_factors: expected one factor per milestone "
@@ -132,8 +150,75 @@ class Stage1Config:
             )
 
 
+def _method_names() -> list[str]:
+    """The stage-2 methods of the registry (stages/methods.py), read when a config is checked."""
+    from ffn_dist.stages.methods import REGISTRY
+
+    return list(REGISTRY)
+
+
+GRID = "searched on val, the best val top-1 kept (one value: used as is; no val split: the published default)"
+
+
+@dataclass
+class TauNormConfig:
+    tau: list[float] = opt([round(0.1 * i, 1) for i in range(11)], ge=0.0, doc=f"w_c / |w_c|^tau; {GRID}")
+
+
+@dataclass
+class LogitAdjustmentConfig:
+    tau: list[float] = opt([0.25 * i for i in range(9)], ge=0.0, doc=f"logits - tau log(prior); {GRID}")
+
+
+@dataclass
+class WeightBalancingConfig:
+    weight_decay: list[float] = opt([5e-4, 5e-3, 5e-2], ge=0.0, doc=f"its tuned weight decay; {GRID}")
+    max_norm: list[float] = opt(
+        [0.1, 0.5, 1.0],
+        ge=0.0,
+        le=1.0,
+        doc=f"MaxNorm's radius, min + max_norm (max - min) of ERM's row norms; {GRID}",
+    )
+
+
+@dataclass
+class MislasConfig:
+    head: list[float] = opt(
+        [0.1, 0.2, 0.3, 0.4], ge=0.0, le=1.0, doc=f"smoothing of the most frequent class; {GRID}"
+    )
+    tail: list[float] = opt([0.0, 0.1], ge=0.0, le=1.0, doc=f"smoothing of the rarest class; {GRID}")
+
+
+@dataclass
+class DisalignConfig:
+    rho: list[float] = opt([0.5, 1.0, 1.5], ge=0.0, doc=f"generalised re-weighting (1/r_c)^rho; {GRID}")
+
+
+@dataclass
+class LdamDrwConfig:
+    drw_from: float = opt(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        doc="class-balanced loss weights from this fraction of the epochs (160 of 200 in the paper)",
+    )
+
+
 @dataclass
 class Stage2Config:
+    method: str = opt(
+        "ffn",
+        choices=_method_names,
+        doc="the classifier stage 2 trains on the cache (ffn: the paper's LDAM cosine classifier); "
+        "the report and the export are this one's (docs/stages.md lists them)",
+    )
+    seed: int | None = opt(None, ge=0, doc="stage 2's seed (initialisation, sampling); null: the run's seed")
+    select: str = opt(
+        "auto",
+        choices=["auto", "val", "defaults"],
+        doc="where hyperparameters are chosen: val (auto: where the run has a val split), "
+        "or the published defaults",
+    )
     epochs: int = opt(30, ge=1, doc="classifier epochs on the cache")
     batch_size: int = opt(64, ge=1, doc="rows per classifier step")
     lr: float = opt(0.1, gt=0.0, doc="base learning rate (cosine decay)")
@@ -141,15 +226,26 @@ class Stage2Config:
     weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
     w1: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the KPS branch")
     w2: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the CE branch")
-    ldam_max_m: float = opt(0.5, ge=0.0, doc="LDAM: the rarest class's margin")
-    ldam_s: float = opt(30.0, gt=0.0, doc="LDAM: the logit scale s")
+    ldam_max_m: float = opt(0.5, ge=0.0, doc="LDAM (ffn, ldam_drw): the rarest class's margin")
+    ldam_s: float = opt(30.0, gt=0.0, doc="LDAM (ffn, ldam_drw): the logit scale s")
     device: str = opt(
         "auto",
         choices=["auto", "cpu", "cuda"],
         doc="auto: a GPU for classifiers of 65,536+ weights (ImageNet-LT), the CPU for small ones (CIFAR)",
     )
+    tau_norm: TauNormConfig = field(default_factory=TauNormConfig)
+    logit_adjustment: LogitAdjustmentConfig = field(default_factory=LogitAdjustmentConfig)
+    weight_balancing: WeightBalancingConfig = field(default_factory=WeightBalancingConfig)
+    mislas: MislasConfig = field(default_factory=MislasConfig)
+    disalign: DisalignConfig = field(default_factory=DisalignConfig)
+    ldam_drw: LdamDrwConfig = field(default_factory=LdamDrwConfig)
 
     def validate(self, prefix: str) -> None:
+        for section in dataclasses.fields(self):
+            grid = getattr(self, section.name)
+            for key in dataclasses.fields(grid) if dataclasses.is_dataclass(grid) else ():
+                if isinstance(getattr(grid, key.name), list) and not getattr(grid, key.name):
+                    raise ConfigError(f"{prefix}{section.name}.{key.name}: expected at least one value")
         if not math.isclose(self.w1 + self.w2, 1.0, abs_tol=1e-6):
             raise ConfigError(
                 f"{prefix}w1 + {prefix}w2: the fusion weights must sum to 1, "
@@ -167,7 +263,11 @@ class CacheConfig:
         choices=["normalized", "fused"],
         doc="normalized: both branches' unit embeddings (w1 can change later); fused: only z (half the size)",
     )
-    dtype: str = opt("fp16", choices=["fp16", "fp32"], doc="how embeddings are stored")
+    dtype: str = opt(
+        "fp16",
+        choices=["fp16", "fp32"],
+        doc="how the training views' embeddings are stored (val and test: fp32, the export's numbers)",
+    )
     shard_rows: int = opt(16384, ge=1, doc="rows per shard file; a shard is the unit of resume")
     batch_size: int = opt(256, ge=1, doc="images per forward pass while extracting")
 
@@ -265,11 +365,18 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _choices(meta: dict) -> list | None:
+    """A field's allowed values; a callable where a registry holds them (stage2.method)."""
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _check_range(value, meta: dict, key: str) -> None:
     if value is None:
         return
-    if meta.get("choices") and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
+    choices = _choices(meta)
+    if choices and value not in choices:
+        allowed = ", ".join(map(str, choices))
         raise ConfigError(f"{key}: got {value!r}, allowed values: {allowed}")
     tests = {
         "ge": (">=", lambda b: value >= b),
@@ -305,6 +412,9 @@ def _build(cls, raw: dict, prefix: str):
                 for i, item in enumerate(values[name]):
                     _check_range(item, f.metadata, f"{key}[{i}]")
     obj = cls(**values)
+    for name in fields:  # defaults in their declared types too ([160, 180] as floats)
+        if name not in raw and not dataclasses.is_dataclass(hints[name]):
+            setattr(obj, name, _coerce(getattr(obj, name), hints[name], prefix + name))
     if hasattr(obj, "validate"):
         obj.validate(prefix)
     return obj
@@ -368,7 +478,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def _allowed(tp, meta: dict) -> str:
     if meta.get("choices"):
-        return ", ".join(map(str, meta["choices"]))
+        return ", ".join(map(str, _choices(meta)))
     bounds = [
         f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None
     ]
@@ -424,6 +534,15 @@ def settings_reference() -> str:
         cells = [f"`{row['key']}`", f"`{default}`", row["allowed"], row["doc"].replace("|", "\\|")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out).strip() + "\n"
+
+
+def with_settings(cfg: Config, settings: dict) -> Config:
+    """`cfg` with some settings changed ({"stage2.w1": 0.3, ...}), validated like a loaded one:
+    how the drivers (--sweep, --methods, --seeds) run a stage under overrides."""
+    raw = dataclasses.asdict(cfg)
+    for key, value in settings.items():
+        _apply_override(raw, key.split("."), value)
+    return _build(Config, raw, "")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -193,22 +193,6 @@ class LDAMLoss(_MixupLoss):
         """s * (cos - Δ_y at each row's target class y)."""
         return self.s * _minus_target_margin(cosine, labels, _match(self.margins, cosine))
 
-    def value_and_grad(self, cosine: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss and its gradient with respect to `cosine`, in closed form and without
-        autograd (stage 2's written-out step): cross-entropy over s * (cos - Δ_y) has
-        d/dcos = s * w_y * (softmax - onehot) / Σ w_y, with w_y = 1 without class weights."""
-        cosine = self._validated(cosine, labels)
-        log_p = torch.log_softmax(self._logits(cosine, labels), dim=1)
-        picked = log_p.gather(1, labels[:, None])
-        if self.weight is None:
-            weights = torch.full_like(picked, 1.0 / len(labels))
-        else:
-            weights = _match(self.weight, cosine)[labels, None]
-            weights = weights / weights.sum()
-        loss = -(weights * picked).sum()
-        grad = log_p.exp_().scatter_add_(1, labels[:, None], -torch.ones_like(picked))
-        return loss, grad.mul_(self.s * weights)
-
 
 def _minus_target_margin(logits: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     """logits - margins[y] at each row's target class y; the other classes unchanged."""

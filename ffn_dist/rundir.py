@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ffn_dist.distributed import rank0_decides
 from ffn_dist.errors import FFNError
+from ffn_dist.files import write_json
 from ffn_dist.locks import exclusive
 
 HOLD_FILE = ".hold.json"
@@ -125,13 +126,6 @@ def holder_gone(holder: dict) -> str | None:
     )
 
 
-def _write(directory: Path, record: dict) -> None:
-    path = hold_path(directory)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-
-
 class Hold:
     """This process's hold on a run directory (taken, or joined as part of the holding job)."""
 
@@ -158,7 +152,7 @@ class Hold:
             if current is None or current.get("token") != self.token:
                 return
             self.record.update(fields, heartbeat=time.time())
-            _write(self.directory, self.record)
+            write_json(hold_path(self.directory), self.record)
 
     def release(self) -> None:
         """The owner ends the hold; a process that joined it leaves it to the owner."""
@@ -216,7 +210,7 @@ def take_hold(directory: str | Path, command: str, token: str | None = None) -> 
             "heartbeat": now,
             "token": token or secrets.token_hex(8),
         }
-        _write(directory, record)
+        write_json(hold_path(directory), record)
     # Where another host took it in the same instant (flock may not reach across hosts), the
     # later rename wins and the other job finds out here.
     time.sleep(0.05)

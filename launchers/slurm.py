@@ -32,18 +32,11 @@ from pathlib import Path
 
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
+from ffn_dist.files import write_json
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
-from ffn_dist.run import (
-    STAGES,
-    Stage,
-    load_run_config,
-    report_dir,
-    run_dir,
-    run_stage,
-    slurm_dir,
-    start_run,
-    write_json,
-)
+from ffn_dist.run.history import load_run_config
+from ffn_dist.run.paths import report_dir, run_dir, slurm_dir
+from ffn_dist.run.stages import STAGES, Stage, run_stage, start_run
 from ffn_dist.rundir import TOKEN_ENV, command_line, end_hold, take_hold
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}

@@ -88,6 +88,9 @@ def test_bench_stage2_times_cache_epochs_against_matmuls_and_backbones(tmp_path)
     assert figures["large_epoch_vs_matmul_bound"] == pytest.approx(
         rounds["cache epoch"][0] / rounds["matrix products"][0]
     )
+    assert figures["torch_vs_written_out"] == pytest.approx(
+        rounds["torch step"][0] / rounds["cache epoch"][0]
+    )
     # even on 585 digits, two ResNet-32 forwards per batch cost far more than a cached epoch
     assert figures["backbones_vs_cache"] > 10
     assert list(tmp_path.glob("ffn-bench-stage2-*")) == []  # the synthetic caches are removed
@@ -108,9 +111,36 @@ def test_bench_cache_compares_extraction_with_a_plain_forward(tmp_path):
     figures = json.loads((tmp_path / "c.json").read_text())
     assert figures["images"] == 585 + 300
     assert all(v > 0 for v in figures["images_per_s"].values())
-    # fp16 payload of both branches plus labels, indices and headers
-    assert figures["rows_x_dims_x_bytes"] == 885 * 64 * 2 * 2
+    # the payload of both branches (train fp16, test fp32) plus labels, indices and headers
+    assert figures["rows_x_dims_x_bytes"] == 585 * 64 * 2 * 2 + 300 * 64 * 2 * 4
     assert 1.0 < figures["size_vs_payload"] < 1.2
+
+
+def test_bench_freshness_times_status_and_a_rerun_of_a_complete_run(tmp_path):
+    result = run_ffn(
+        "bench", "freshness", "--cache-gb", "0.02", "--dims", "64", "--rounds", "1",
+        "--work-dir", tmp_path / "work", "--json-out", tmp_path / "f.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "f.json").read_text())
+    assert 0.015e9 < figures["cache_bytes"] < 0.03e9
+    assert set(figures["seconds"]) == {"ffn status", "ffn status --verify", "ffn run (complete run)"}
+    assert all(v > 0 for v in figures["seconds"].values())
+    status = run_ffn("status", tmp_path / "work" / "config.yaml")  # the run it built is complete
+    assert status.returncode == 0 and status.stdout.count(" complete") == 5, status.stdout
+
+
+def test_bench_scale_converts_the_split_and_times_stage2_on_the_shape(tmp_path):
+    result = run_ffn(
+        "bench", "scale", "--rows", "20000", "--dims", "32", "--classes", "300", "--split-images", "20000",
+        "--work-dir", tmp_path, "--json-out", tmp_path / "s.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert figures["splits"]["train_images"] == 20_000 and figures["splits"]["classes"] == 300
+    assert figures["splits"]["per_class"] == [2, 1000]
+    assert figures["stage2"]["cache_bytes_per_view"] > 20000 * 32 * 2 * 2
+    assert figures["stage2"]["epoch_seconds"] > 0 and figures["stage2"]["peak_rss_gb"] > 0
 
 
 def test_warm_up_rounds_are_run_and_left_out():

@@ -17,7 +17,7 @@ from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import to_device
 from ffn_dist.distributed import World, make_branches
 from ffn_dist.stages.backbones import BranchTrainer
-from ffn_dist.stages.classifier import CachedEpochs
+from ffn_dist.stages.epochs import CachedEpochs
 from tests.conftest import CONFIG, tiny_overrides
 from tests.test_methods import write_cache
 
@@ -69,10 +69,10 @@ def test_the_memory_backend_copies_once_an_epoch(branches_on_meta):
 
 
 def test_the_classifier_loop_copies_once_a_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr("ffn_dist.stages.classifier.GATHER_BATCHES", 8)
+    monkeypatch.setattr("ffn_dist.stages.epochs.GATHER_BATCHES", 8)
     cache = write_cache(tmp_path / "cache")  # 484 training images, two stored branches
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_classes=8", "stage2.batch_size=16"])
-    epochs = CachedEpochs(cfg, cache.splits["train"], META)
+    epochs = CachedEpochs(cfg, cache.splits["train"], META, 0.5)
     shapes = []
 
     def step(features, labels, lr):
@@ -80,7 +80,7 @@ def test_the_classifier_loop_copies_once_a_chunk(tmp_path, monkeypatch):
         return features.sum() * 0
 
     with HostCopies() as copies:
-        mean = epochs.epoch(step, 0, 0.5)
+        mean = epochs.epoch(step, 0, "balanced")
     assert mean.device == META and len(shapes) == epochs.steps == 31
     assert all(device == META for device, *_ in shapes)
     chunks = -(-484 // (16 * 8))  # 4 chunks of up to 128 rows

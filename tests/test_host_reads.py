@@ -14,9 +14,9 @@ from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.distributed import make_branches
 from ffn_dist.losses import CELoss, LDAMLoss
-from ffn_dist.models import CosineHead
+from ffn_dist.models.heads import CosineHead
 from ffn_dist.stages.backbones import BranchTrainer
-from ffn_dist.stages.classifier import ClassifierStep
+from ffn_dist.stages.epochs import CosineStep, OptimizerStep
 from tests.conftest import CONFIG, tiny_overrides
 
 aten = torch.ops.aten
@@ -66,14 +66,20 @@ def test_a_stage1_step_reads_nothing_back(world, tiny_root, tmp_path, engine):
 
 
 def test_a_stage2_step_reads_nothing_back():
+    """Both steps of the cache loop: FFN's written out, and torch's SGD on autograd."""
     counts, dims = [50, 20, 8, 3], 16
-    head = CosineHead(dims, len(counts))
-    step = ClassifierStep(head, LDAMLoss(counts).trusting_labels(), momentum=0.9, weight_decay=2e-4)
+    loss = LDAMLoss(counts).trusting_labels()
     features, labels = torch.randn(6, dims), torch.randint(len(counts), (6,))
-    with HostReads() as reads:
-        for _ in range(3):
-            step(features, labels, 0.1)
-    assert reads.seen == []
+    head = CosineHead(dims, len(counts))
+    steps = [
+        CosineStep(CosineHead(dims, len(counts)), loss, momentum=0.9, weight_decay=2e-4),
+        OptimizerStep(list(head.parameters()), lambda z, y: loss(head(z, normalized=True), y), 0.9, 2e-4),
+    ]
+    for step in steps:
+        with HostReads() as reads:
+            for _ in range(3):
+                step(features, labels, 0.1)
+        assert reads.seen == [], type(step).__name__
 
 
 def test_a_memory_backend_batch_reads_nothing_back(demo_root):

@@ -90,21 +90,6 @@ def test_ldam_matches_the_formula_with_and_without_drw(name):
     assert float(weighted(cos, labels)) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_ldam_value_and_grad_equal_autograd(weighted):
-    counts = CIFAR10_LT
-    cos, labels = random_batch(len(counts), seed=3)
-    loss = LDAMLoss(counts, weight=class_balanced_weights(counts) if weighted else None).double()
-    cos.requires_grad_()
-    expected = loss(cos, labels)
-    expected.backward()
-    value, grad = loss.value_and_grad(cos.detach(), labels)
-    assert float(value) == pytest.approx(expected.item(), rel=1e-12)
-    assert torch.allclose(grad, cos.grad, rtol=1e-10, atol=1e-14)
-    with pytest.raises(FFNError, match="label 99 outside"):
-        loss.value_and_grad(cos.detach(), torch.full_like(labels, 99))
-
-
 def test_ce_matches_the_formula():
     logits, labels = random_batch(7, seed=2)
     logits = logits * 5

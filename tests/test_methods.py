@@ -13,27 +13,33 @@ import torch.nn.functional as F
 from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import open_cache, write_manifest
 from ffn_dist.checkpoint import save_checkpoint
-from ffn_dist.config import load_config
+from ffn_dist.config import load_config, with_settings
 from ffn_dist.data.sampling import epoch_order
+from ffn_dist.drivers import compare_methods, parse_methods, run_methods, sources
 from ffn_dist.errors import FFNError
 from ffn_dist.metrics import accuracy_report, top_k
-from ffn_dist.models import LinearForm
-from ffn_dist.run import branch_dir, stage_identity
+from ffn_dist.models.heads import LinearForm
+from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
+from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
+from ffn_dist.stages.classifier import candidates, fit_classifier, load_form, selection_split
+from ffn_dist.stages.epochs import evaluate_cached
 from ffn_dist.stages.evaluate import collect_results
 from ffn_dist.stages.methods import (
     METHODS,
-    Methods,
-    Source,
-    compare_methods,
-    compare_over_seeds,
-    parse_methods,
-    selection_split,
+    Fitting,
+    fit_balanced_softmax,
+    fit_crt,
+    fit_disalign,
+    fit_erm,
+    fit_ldam_drw,
+    fit_lws,
+    fit_mislas,
+    fit_weight_balancing,
 )
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
 COUNTS = [200, 120, 70, 40, 25, 15, 9, 5]
 DIMS = 16
-FINGERPRINT = {"identity": "test", "inputs": {"test": True}}
 
 
 def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0, store="normalized"):
@@ -65,17 +71,9 @@ def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0, store="
         splits[name] = {"rows": len(labels) * len(parts), "parts": parts}
     fusion = {"w1": 0.5, "w2": 0.5} if store == "fused" else None
     write_manifest(
-        directory,
-        {
-            "store": store,
-            "dtype": "fp16",
-            "dims": DIMS,
-            "fusion": fusion,
-            "fingerprint": FINGERPRINT,
-            "splits": splits,
-        },
+        directory, {"store": store, "dtype": "fp16", "dims": DIMS, "fusion": fusion, "splits": splits}
     )
-    return open_cache(directory, FINGERPRINT)
+    return open_cache(directory)
 
 
 def config(tmp_path, *extra):
@@ -84,16 +82,27 @@ def config(tmp_path, *extra):
     )
 
 
-def fake_kps_head(cfg):
-    """The final stage-1 KPS checkpoint FFN's classifier starts from (a random head)."""
-    weight = F.normalize(torch.randn(len(COUNTS), DIMS, generator=torch.Generator().manual_seed(9)), dim=1)
-    state = {"model": {"head.weight": weight}, "config_hash": stage_identity(cfg, "stage1")}
-    save_checkpoint(branch_dir(cfg, "kps"), cfg.stage1.epochs, state, keep=1)
+KPS_HEAD = F.normalize(torch.randn(len(COUNTS), DIMS, generator=torch.Generator().manual_seed(9)), dim=1)
 
 
-def by_hand(logits_of, cache, source, split="test"):
+def synthetic_run(directory, demo_root, *extra, **cache):
+    """A run whose stage 1 (a random KPS head) and cache (write_cache) are complete, as their
+    records say: what the classifier stage and the drivers read."""
+    cfg = config(directory, f"data.root={demo_root}", *extra)
+    begin_stage(cfg, "stage1")
+    for branch in ("ce", "kps"):
+        state = {"model": {"head.weight": KPS_HEAD}, "config_hash": stage_identity(cfg, "stage1")}
+        save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
+    finish_stage(cfg, "stage1", [final_checkpoint(cfg, b) for b in ("ce", "kps")])
+    begin_stage(cfg, "cache")
+    write_cache(cache_dir(cfg), **cache)
+    finish_stage(cfg, "cache", [cache_dir(cfg) / "manifest.json"])
+    return cfg, open_cache(cache_dir(cfg))
+
+
+def by_hand(logits_of, cache, w1=0.5, split="test"):
     rows = cache.splits[split].rows_of_view(0)
-    features = cache.splits[split].fused(rows, source.w1, 1 - source.w1)
+    features = cache.splits[split].fused(rows, w1, 1 - w1)
     return accuracy_report(
         cache.splits[split].labels[rows], top_k(logits_of(features)).numpy(), np.array(COUNTS)
     )
@@ -101,25 +110,27 @@ def by_hand(logits_of, cache, source, split="test"):
 
 @pytest.fixture
 def fitted(tmp_path):
+    """A Fitting on fused features at w1 = 0.5, and its erm classifier (what `point('erm')` gives)."""
     cache = write_cache(tmp_path / "cache")
-    runner = Methods(config(tmp_path), cache, "val")
-    source = Source("fused", 0.5)
-    return cache, runner, source, runner.erm(source)
+    erm = {}
+    f = Fitting(config(tmp_path), cache, lambda name: erm["form"], lambda: KPS_HEAD, verbose=False)
+    erm["form"] = fit_erm(f)
+    return cache, f, (erm["form"].weight, erm["form"].bias)
 
 
-def hand_trained(runner, source, parameters, loss, order, weight_decay=None, project=None):
+def hand_trained(f, parameters, loss, order, weight_decay=None, project=None):
     """The stage-2 recipe written out again, apart from the trainer: an epoch of as many draws
     as images, batches of stage2.batch_size, cosine decay, torch's SGD; `loss(z, y, epoch)`."""
-    s2, train = runner.cfg.stage2, runner.cache.splits["train"]
+    s2, train = f.cfg.stage2, f.cache.splits["train"]
     images = len(train.rows_of_view(0))
     steps = math.ceil(images / s2.batch_size)
     decay = s2.weight_decay if weight_decay is None else weight_decay
     optimizer = torch.optim.SGD(parameters, lr=s2.lr, momentum=s2.momentum, weight_decay=decay)
     for epoch in range(s2.epochs):
-        draws = epoch_order(train.labels, order, runner.cfg.seed, epoch)[:images]
+        draws = epoch_order(train.labels, order, f.cfg.seed, epoch)[:images]
         for step, begin in enumerate(range(0, images, s2.batch_size)):
             rows = draws[begin : begin + s2.batch_size]
-            z, y = train.fused(rows, source.w1, 1 - source.w1), torch.from_numpy(train.labels[rows]).long()
+            z, y = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows]).long()
             for group in optimizer.param_groups:
                 group["lr"] = (
                     0.5 * s2.lr * (1 + math.cos(math.pi * (epoch * steps + step) / (s2.epochs * steps)))
@@ -148,32 +159,23 @@ N = torch.tensor(COUNTS, dtype=torch.float32)
 
 
 def test_erm_and_balanced_softmax_are_their_losses_on_the_stage2_recipe(fitted):
-    cache, runner, source, erm = fitted
-    w, b = copies(runner.new_linear())
-    hand_trained(
-        runner,
-        source,
-        [w, b],
-        lambda z, y, _: -picked(torch.log_softmax(z @ w.t() + b, 1), y).mean(),
-        "shuffle",
-    )
+    cache, f, erm = fitted
+    w, b = copies(f.new_linear())
+    hand_trained(f, [w, b], lambda z, y, _: -picked(torch.log_softmax(z @ w.t() + b, 1), y).mean(), "shuffle")
     assert close(erm[0], w) and close(erm[1], b)
-    w, b = copies(runner.new_linear())
+    w, b = copies(f.new_linear())
     logits = lambda z: z @ w.t() + b  # noqa: E731
     hand_trained(
-        runner,
-        source,
-        [w, b],
-        lambda z, y, _: -picked(torch.log_softmax(logits(z) + N.log(), 1), y).mean(),
-        "shuffle",
+        f, [w, b], lambda z, y, _: -picked(torch.log_softmax(logits(z) + N.log(), 1), y).mean(), "shuffle"
     )
-    form = runner.fit_balanced_softmax(source)
+    form = fit_balanced_softmax(f)
     assert close(form.weight, w) and close(form.bias, b)
-    assert runner.run("balanced_softmax", source)["test"] == by_hand(form, cache, source)  # plain logits
+    scored = evaluate_cached(form, cache.splits["test"], 0.5, COUNTS, f.device)
+    assert scored == by_hand(lambda z: z @ form.weight.t() + form.bias, cache)  # plain logits, no log n_y
 
 
 def test_weight_balancing_is_the_class_balanced_loss_with_weight_decay_and_maxnorm(fitted):
-    cache, runner, source, erm = fitted
+    cache, f, erm = fitted
     cb = (1 - 0.9999) / (1 - 0.9999 ** N.double())
     cb = (cb * len(COUNTS) / cb.sum()).float()
     norms = erm[0].norm(dim=1)
@@ -184,16 +186,14 @@ def test_weight_balancing_is_the_class_balanced_loss_with_weight_decay_and_maxno
         w.mul_(torch.clamp(delta / w.norm(dim=1), max=1.0)[:, None])
 
     loss = lambda z, y, _: (cb[y] * -picked(torch.log_softmax(z @ w.t() + b, 1), y)).mean()  # noqa: E731
-    hand_trained(runner, source, [w, b], loss, "shuffle", weight_decay=5e-3, project=project)
-    form = runner.fit_weight_balancing(source, weight_decay=5e-3, max_norm=0.5)
+    hand_trained(f, [w, b], loss, "shuffle", weight_decay=5e-3, project=project)
+    form = fit_weight_balancing(f, weight_decay=5e-3, max_norm=0.5)
     assert close(form.weight, w) and close(form.bias, b)
     assert bool((form.weight.norm(dim=1) <= delta + 1e-5).all()) and bool((norms > delta).any())  # it bites
-    chosen = runner.run("weight_balancing", source)["chosen"]
-    assert chosen["weight_decay"] in [5e-4, 5e-3, 5e-2] and chosen["max_norm"] in [0.1, 0.5, 1.0]
 
 
 def test_mislas_smooths_each_class_by_its_count_with_class_balanced_sampling(fitted):
-    cache, runner, source, erm = fitted
+    cache, f, erm = fitted
     position = (N - N.min()) / (N.max() - N.min())
     epsilon = 0.0 + (0.4 - 0.0) * torch.sin(position * math.pi / 2)
     assert epsilon[0] == pytest.approx(0.4) and epsilon[-1] == 0.0  # the head's value, the tail's
@@ -203,15 +203,15 @@ def test_mislas_smooths_each_class_by_its_count_with_class_balanced_sampling(fit
         target = (1 - epsilon[y])[:, None] * F.one_hot(y, len(COUNTS)) + epsilon[y][:, None] / len(COUNTS)
         return -(target * torch.log_softmax(z @ w.t() + b, 1)).sum(1).mean()
 
-    hand_trained(runner, source, [w, b], loss, "balanced")
-    form = runner.fit_mislas(source, head=0.4, tail=0.0)
+    hand_trained(f, [w, b], loss, "balanced")
+    form = fit_mislas(f, head=0.4, tail=0.0)
     assert close(form.weight, w) and close(form.bias, b)
 
 
 def test_disalign_learns_magnitude_margin_and_gate_with_its_reweighting(fitted):
-    cache, runner, source, erm = fitted
+    cache, f, erm = fitted
     weight, bias = erm
-    torch.manual_seed(runner.cfg.seed)
+    torch.manual_seed(f.cfg.seed)
     gate = torch.nn.Linear(DIMS, 1)
     g, g0 = copies([gate.weight.detach()[0], gate.bias.detach()[0]])
     scale, shift = copies([torch.ones(len(COUNTS)), torch.zeros(len(COUNTS))])
@@ -227,8 +227,8 @@ def test_disalign_learns_magnitude_margin_and_gate_with_its_reweighting(fitted):
         ce = -picked(torch.log_softmax(logits(z), 1), y)
         return (weights[y] * ce).sum() / weights[y].sum()
 
-    hand_trained(runner, source, [g, g0, scale, shift], loss, "shuffle")
-    form = runner.fit_disalign(source, rho=1.5)
+    hand_trained(f, [g, g0, scale, shift], loss, "shuffle")
+    form = fit_disalign(f, rho=1.5)
     assert close(form.gate_weight, g) and close(form.scale, scale) and close(form.shift, shift)
     assert torch.equal(form.weight, weight)  # erm stays frozen
     z = cache.splits["test"].fused(cache.splits["test"].rows_of_view(0), 0.5, 0.5)
@@ -236,55 +236,73 @@ def test_disalign_learns_magnitude_margin_and_gate_with_its_reweighting(fitted):
     assert torch.equal(LinearForm.from_state(form.state())(z), form(z))  # what export saves and loads
 
 
-def test_ldam_drw_reweights_the_cosine_classifier_from_the_deferred_epoch(fitted):
-    cache, runner, source, erm = fitted
-    fake_kps_head(runner.cfg)
-    s2 = runner.cfg.stage2
-    w = (
-        torch.load(sorted(branch_dir(runner.cfg, "kps").glob("*.pt"))[-1], weights_only=False)["model"][
-            "head.weight"
-        ]
-        .clone()
-        .requires_grad_()
-    )
+def ffn_like(f, drw_from=None):
+    """FFN's classifier written out: the KPS head, LDAM at s, optionally DRW from an epoch."""
+    s2 = f.cfg.stage2
+    w = KPS_HEAD.clone().requires_grad_()
     margins = N**-0.25
     margins = margins * 0.5 / margins.max()
     cb = (1 - 0.9999) / (1 - 0.9999 ** N.double())
     cb = (cb * len(COUNTS) / cb.sum()).float()
-    deferred = int(0.8 * s2.epochs)
-    assert 0 < deferred < s2.epochs
 
     def loss(z, y, epoch):
         cosine = z @ F.normalize(w, dim=1).t()
         ce = -picked(
             torch.log_softmax(s2.ldam_s * (cosine - margins[y][:, None] * F.one_hot(y, len(COUNTS))), 1), y
         )
-        weights = cb[y] if epoch >= deferred else torch.ones_like(ce)
+        weights = cb[y] if drw_from is not None and epoch >= drw_from else torch.ones_like(ce)
         return (weights * ce).sum() / weights.sum()
 
-    hand_trained(runner, source, [w], loss, "shuffle")
-    form = runner.fit_ldam_drw(source)
+    return w, loss
+
+
+def test_ffn_is_ldam_on_the_cosine_head_from_the_kps_head_class_balanced(fitted):
+    from ffn_dist.stages.methods import fit_ffn
+
+    cache, f, _ = fitted
+    w, loss = ffn_like(f)
+    hand_trained(f, [w], loss, "balanced")
+    form = fit_ffn(f)
+    assert close(form.weight, F.normalize(w.detach(), dim=1)) and not close(form.weight, KPS_HEAD)
+
+
+def test_ldam_drw_reweights_the_cosine_classifier_from_the_deferred_epoch(fitted):
+    cache, f, _ = fitted
+    deferred = int(0.8 * f.cfg.stage2.epochs)
+    assert 0 < deferred < f.cfg.stage2.epochs
+    w, loss = ffn_like(f, deferred)
+    hand_trained(f, [w], loss, "shuffle")
+    form = fit_ldam_drw(f)
     assert close(form.weight, F.normalize(w.detach(), dim=1))
 
 
-def test_tau_norm_and_logit_adjustment_are_their_closed_forms(fitted):
-    cache, runner, source, (weight, bias) = fitted
-    tau_norm = runner.run("tau_norm", source)
+def test_tau_norm_and_logit_adjustment_are_their_closed_forms_chosen_on_val(tmp_path, demo_root):
+    cfg, cache = synthetic_run(tmp_path, demo_root)
+    tau_cfg = with_settings(cfg, {"stage2.method": "tau_norm"})
+    tau_norm = fit_classifier(tau_cfg, cache, freeze=False)
+    erm = load_form(with_settings(cfg, {"stage2.method": "erm"}))  # the point tau_norm started from
+    weight, bias = erm.weight, erm.bias
+
+    def normed(tau):
+        return weight / weight.norm(dim=1, keepdim=True) ** tau
+
     tau = tau_norm["chosen"]["tau"]
-    assert tau in [round(0.1 * i, 1) for i in range(11)]
-    normed = weight / weight.norm(dim=1, keepdim=True) ** tau
-    assert tau_norm["test"] == by_hand(lambda z: z @ normed.t(), cache, source)
-    adjusted = runner.run("logit_adjustment", source)
+    assert tau in cfg.stage2.tau_norm.tau and tau_norm["chosen"]["selected_on"] == "val"
+    assert tau_norm["test"] == by_hand(lambda z: z @ normed(tau).t(), cache)
+    on_val = {c["tau"]: by_hand(lambda z, t=c["tau"]: z @ normed(t).t(), cache, split="val")["top1"]
+              for c in candidates(tau_cfg, "val")}  # fmt: skip
+    assert tau == min(t for t, score in on_val.items() if score == max(on_val.values()))  # first best
+    adjusted = fit_classifier(with_settings(cfg, {"stage2.method": "logit_adjustment"}), cache, freeze=False)
     tau = adjusted["chosen"]["tau"]
     log_prior = torch.log(torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)).float()
-    assert adjusted["test"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache, source)
-    assert adjusted["val"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache, source, "val")
+    assert adjusted["test"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache)
+    assert adjusted["val"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache, split="val")
 
 
 def test_lws_learns_only_per_class_scales(fitted):
-    cache, runner, source, (weight, bias) = fitted
+    cache, f, (weight, bias) = fitted
     before = weight.clone(), bias.clone()
-    form = runner.fit_lws(source)
+    form = fit_lws(f)
     assert torch.equal(weight, before[0]) and torch.equal(bias, before[1])  # the classifier is frozen
     scales = (form.weight * weight).sum(1) / (weight * weight).sum(1)  # signed: a scale may flip a row
     assert torch.allclose(form.weight, weight * scales[:, None], atol=1e-6)  # rows only rescaled
@@ -295,58 +313,57 @@ def test_lws_learns_only_per_class_scales(fitted):
 
 
 def test_crt_starts_from_a_fresh_random_classifier(fitted):
-    cache, runner, source, erm = fitted
+    cache, f, erm = fitted
     torch.manual_seed(1)  # the config's seed
     fresh = torch.nn.Linear(DIMS, len(COUNTS))
-    initial = runner.new_linear()
+    initial = f.new_linear()
     assert torch.equal(initial[0], fresh.weight.detach()) and torch.equal(initial[1], fresh.bias.detach())
-    crt = runner.fit_crt(source).weight
+    crt = fit_crt(f).weight
     assert not torch.allclose(crt, initial[0]) and not torch.allclose(crt, erm[0])  # trained apart
 
 
 def test_ncm_is_cosine_to_the_class_means(fitted):
-    cache, runner, source, _ = fitted
+    from ffn_dist.stages.methods import fit_ncm
+
+    cache, f, _ = fitted
     train = cache.splits["train"]
     rows = train.rows_of_view(0)
     features, labels = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows])
     means = torch.stack([F.normalize(features[labels == c], dim=1).mean(0) for c in range(len(COUNTS))])
-    expected = by_hand(lambda z: F.normalize(z, dim=1) @ F.normalize(means, dim=1).t(), cache, source)
-    assert runner.run("ncm", source)["test"] == expected
+    expected = by_hand(lambda z: F.normalize(z, dim=1) @ F.normalize(means, dim=1).t(), cache)
+    assert evaluate_cached(fit_ncm(f), cache.splits["test"], 0.5, COUNTS, f.device) == expected
 
 
-def test_choices_are_blind_to_the_test_labels(tmp_path):
+def test_choices_are_blind_to_the_test_labels(tmp_path, demo_root):
     chosen = []
     for shuffled in (False, True):
-        directory = tmp_path / f"shuffled_{shuffled}"
-        cfg = config(directory)
-        fake_kps_head(cfg)
-        cache = write_cache(directory / "cache", shuffle_test=shuffled)
-        body = compare_methods(cfg, cache, ["ffn", "tau_norm", "logit_adjustment"], "val")
-        chosen.append({(r["method"], r["features"]): r["chosen"] for r in body["rows"]})
+        cfg, cache = synthetic_run(tmp_path / f"shuffled_{shuffled}", demo_root, shuffle_test=shuffled)
+        body = compare_methods(cfg, cache, ["ffn", "tau_norm", "logit_adjustment"])
+        chosen.append({(r["method"], r["features"]): (r["w1"], r["chosen"]) for r in body["rows"]})
     assert chosen[0] == chosen[1]
-    assert chosen[0][("ffn", "fused")]["w1"] in [round(0.1 * i, 1) for i in range(11)]
+    assert chosen[0][("ffn", "fused")][0] in [round(0.1 * i, 1) for i in range(11)]
 
 
-def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(tmp_path):
-    cache = write_cache(tmp_path / "cache", val_per_class=0)
-    assert selection_split(cache, "auto") is None and selection_split(cache, "defaults") is None
-    with pytest.raises(FFNError, match="--select val: this run has no val split.*--val-per-class N"):
-        selection_split(cache, "val")
-    runner = Methods(config(tmp_path), cache, None)
-    source = Source("fused", 0.5)
-    assert runner.run("tau_norm", source)["chosen"]["tau"] == 1.0
-    assert runner.run("weight_balancing", source)["chosen"] == {"weight_decay": 0.1, "max_norm": 0.1}
-    assert runner.fused_w1() == 0.5  # the config's w1
+def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(tmp_path, demo_root):
+    cfg, cache = synthetic_run(tmp_path, demo_root, val_per_class=0)
+    assert selection_split(cfg, cache) is None
+    assert selection_split(with_settings(cfg, {"stage2.select": "defaults"}), cache) is None
+    with pytest.raises(FFNError, match="stage2.select=val: this run has no val split.*--val-per-class N"):
+        selection_split(with_settings(cfg, {"stage2.select": "val"}), cache)
+    result = fit_classifier(with_settings(cfg, {"stage2.method": "tau_norm"}), cache, freeze=False)
+    assert result["chosen"] == {"tau": 1.0, "selected_on": "published defaults"} and result["val"] is None
+    wb = candidates(with_settings(cfg, {"stage2.method": "weight_balancing"}), None)
+    assert wb == [{"weight_decay": 0.1, "max_norm": 0.1}]
+    one = with_settings(cfg, {"stage2.method": "tau_norm", "stage2.tau_norm.tau": [0.5]})
+    assert candidates(one, None) == [{"tau": 0.5}]  # a grid of one value is used as it is
+    assert sources(cfg, cache)[-1] == ("fused", 0.5)  # the config's w1
 
 
-def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(tmp_path, capsys):
-    cfg = config(tmp_path)
-    fake_kps_head(cfg)
-    cache = write_cache(tmp_path / "cache")
-    wanted = [m for m in METHODS if m != "joint"]  # joint reads stage 1's own reports
-    body = compare_methods(cfg, cache, wanted, "auto")
+def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(tmp_path, demo_root, capsys):
+    cfg, cache = synthetic_run(tmp_path, demo_root)
+    body = compare_methods(cfg, cache, list(METHODS))
     assert {(r["method"], r["features"]) for r in body["rows"]} == {
-        (m, s) for m in wanted for s in ("ce", "kps", "fused")
+        (m, s) for m in METHODS for s in ("ce", "kps", "fused")
     }
     assert all(r["chosen"]["selected_on"] == "val" and r["val"]["samples"] == 160 for r in body["rows"])
     best = body["best_on_val"]
@@ -354,23 +371,27 @@ def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(
     assert (best["method"], best["features"]) == (top["method"], top["features"])
     out = tmp_path / "classifier" / "methods"
     assert "(best on val)" in (out / "methods.md").read_text() and (out / "methods.png").stat().st_size > 1000
-    written = {p: p.stat().st_mtime_ns for p in out.glob("*_*.json")}
+    records = sorted((tmp_path / "stages" / "classifier").rglob("*.json"))
+    assert len(records) >= len(METHODS) * 3  # a record per point (and the w1 sweep's)
+    written = {p: p.stat().st_mtime_ns for p in records}
     capsys.readouterr()
-    assert compare_methods(cfg, cache, wanted, "auto")["rows"] == body["rows"]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*_*.json")} == written  # reused, not refit
+    assert compare_methods(cfg, cache, list(METHODS))["rows"] == body["rows"]
+    assert {p: p.stat().st_mtime_ns for p in records} == written  # reused, not refit
+    assert "runs again" not in capsys.readouterr().out
+    changed = with_settings(cfg, {"stage2.tau_norm.tau": [0.0, 1.0]})
+    compare_methods(changed, cache, ["tau_norm"])
+    said = capsys.readouterr().out
+    assert "classifier tau_norm/w1_0.00: runs again (stale: stage2.tau_norm.tau:" in said
     with pytest.raises(FFNError, match="--methods 'svm': expected all or a comma list"):
         parse_methods("svm")
     assert parse_methods("ncm,crt") == ["crt", "ncm"]
 
 
-def test_methods_on_a_fused_cache_run_on_what_it_holds(tmp_path, capsys):
-    cfg = config(tmp_path)
-    fake_kps_head(cfg)
-    cache = write_cache(tmp_path / "cache", store="fused")  # with a val split: once refused
-    body = compare_methods(cfg, cache, list(METHODS), "auto")
-    rows = {(r["method"], r["features"]) for r in body["rows"]}
-    assert rows == {(m, "fused") for m in METHODS if m != "joint"}  # joint has no fused form
-    assert all(r["chosen"].get("w1", 0.5) == 0.5 for r in body["rows"])  # the cached w1, not a sweep
+def test_methods_on_a_fused_cache_run_on_what_it_holds(tmp_path, demo_root, capsys):
+    cfg, cache = synthetic_run(tmp_path, demo_root, store="fused")  # with a val split: once refused
+    body = compare_methods(cfg, cache, list(METHODS))
+    assert {(r["method"], r["features"]) for r in body["rows"]} == {(m, "fused") for m in METHODS}
+    assert all(r["w1"] == 0.5 for r in body["rows"])  # the cached w1, not a sweep
     assert body["best_on_val"]["features"] == "fused"
     said = capsys.readouterr().out
     assert "only the fused embedding at w1=0.5" in said and "need cache.store: normalized" in said
@@ -383,16 +404,10 @@ def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_pa
     assert compared.returncode == 0, compared.stderr[-3000:]
     body = json.loads((run / "classifier" / "methods" / "methods.json").read_text())
     assert body["selected_on"] is None and body["best_on_val"] is None  # the tiny run has no val split
-    joint = {r["features"]: r for r in body["rows"] if r["method"] == "joint"}
-    stage1 = json.loads((run / "stage1" / "kps" / "report.json").read_text())["test"]
-    assert joint["kps"]["test"]["top1"] == pytest.approx(
-        stage1["top1"], abs=1.7
-    )  # the cosine head, fp16 cache
-    assert joint["ce"]["note"] == "stage 1's own evaluation" and "fused" not in joint
+    assert {r["method"] for r in body["rows"]} == set(METHODS)
     # with a choice made on val, `ffn evaluate` puts it beside CE, KPS and FFN
     body["best_on_val"] = {"method": "crt", "features": "fused"}
     (run / "classifier" / "methods" / "methods.json").write_text(json.dumps(body))
-    assert run_ffn("train-classifier", CONFIG, *args).returncode == 0
     results = collect_results(load_config(CONFIG, args))
     crt = next(r for r in body["rows"] if (r["method"], r["features"]) == ("crt", "fused"))
     assert results["methods"]["crt on fused features (best on val)"] == crt["test"]
@@ -400,18 +415,18 @@ def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_pa
     assert seeds.returncode == 0, seeds.stderr[-3000:]
     summary = json.loads((run / "classifier" / "methods" / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1] and all(len(r["test"]["top1"]["values"]) == 2 for r in summary["rows"])
+    assert (run / "stages" / "classifier" / "crt" / "w1_0.50_seed1.json").is_file()  # a point's record
     alone = run_ffn("train-classifier", CONFIG, *args, "--seeds", "2")
     assert alone.returncode != 0 and "error: --seeds: repeats --methods" in alone.stderr
 
 
-def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path):
-    cfg = config(tmp_path)
-    fake_kps_head(cfg)
-    cache = write_cache(tmp_path / "cache")
+def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path, demo_root):
+    cfg, cache = synthetic_run(tmp_path, demo_root)
     wanted = ["ffn", "crt", "ncm"]
-    single = compare_methods(cfg, cache, wanted, "auto")
-    stage = {p: p.stat().st_mtime_ns for p in (tmp_path / "classifier").glob("w1_*/*")}
-    summary = compare_over_seeds(cfg, cache, wanted, "auto", 3)
+    fit_classifier(cfg, cache)  # the stage: FFN at the configured w1
+    stage = {p: p.stat().st_mtime_ns for p in classifier_dir(cfg).iterdir()}
+    single = compare_methods(cfg, cache, wanted)
+    summary = run_methods(cfg, wanted, 3)
     assert summary["seeds"] == [1, 2, 3]
     rows = {(r["method"], r["features"]): r for r in summary["rows"]}
     crt = rows[("crt", "fused")]["test"]["top1"]
@@ -426,7 +441,9 @@ def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path):
         c - f for c, f in zip(crt["values"], ffn, strict=True)
     ]
     out = tmp_path / "classifier" / "methods"
-    assert (out / "seed3" / "methods.json").is_file() and list((out / "seed3" / "classifier").glob("w1_*"))
+    assert (out / "seed3" / "methods.json").is_file() and list(
+        (tmp_path / "classifier" / "crt").glob("*_seed3")
+    )
     assert {p: p.stat().st_mtime_ns for p in stage} == stage  # the classifier stage's own files
     table = (out / "seeds.md").read_text()
     assert "±" in table and "top-1 per seed" in table and "against FFN" in table

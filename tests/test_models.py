@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from ffn_dist.errors import FFNError
-from ffn_dist.models import CosineHead, LinearHead, build_backbone, fused_embedding
-from ffn_dist.models.heads import CosineLogits
+from ffn_dist.models.backbones import BACKBONES, PretrainedRefused, build_backbone, load_pretrained
+from ffn_dist.models.heads import CosineHead, CosineLogits, LinearHead, fused_embedding
 from ffn_dist.models.precision import autocast, place_images, place_model, uses_bf16
 
 
@@ -35,9 +35,63 @@ def test_resnet50_trunk_is_torchvisions_without_fc():
     assert trunk(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
 
 
-def test_unknown_backbone_is_refused():
-    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+@pytest.mark.parametrize("arch", [a for a in BACKBONES if a != "resnet32"])
+def test_every_registered_trunk_is_torchvisions_without_fc_and_its_dimension(arch):
+    import torchvision.models
+
+    trunk = build_backbone(arch)
+    full = getattr(torchvision.models, arch)(weights=None)
+    dims = BACKBONES[arch].embedding_dim
+    assert full.fc.in_features == dims == trunk.embedding_dim
+    assert trainable(trunk) == trainable(full) - (dims * 1000 + 1000)
+    assert trunk.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dims)
+
+
+def test_unknown_backbone_is_refused_listing_the_names():
+    with pytest.raises(FFNError, match="model.arch: unknown backbone 'vgg'; available: resnet32, resnet18, "):
         build_backbone("vgg")
+    from ffn_dist.config import ConfigError, load_config
+
+    with pytest.raises(
+        ConfigError, match="model.arch: got 'vgg', allowed values: resnet32, .*resnext50_32x4d"
+    ):
+        load_config(None, ["model.arch=vgg"])
+
+
+def test_pretrained_weights_come_from_a_torchvision_file_or_a_stage1_checkpoint(tmp_path):
+    import torchvision.models
+
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")  # as torchvision holds it, fc included
+    trunk = build_backbone("resnet18")
+    load_pretrained(trunk, tmp_path / "resnet18.pth", "resnet18")
+    assert torch.equal(trunk.conv1.weight, source.conv1.weight) and torch.equal(
+        trunk.bn1.running_mean, source.bn1.running_mean
+    )
+    state = {
+        "model": {
+            **{f"backbone.{k}": v for k, v in trunk.state_dict().items()},
+            "head.weight": torch.zeros(3, 512),
+        }
+    }
+    torch.save(state, tmp_path / "epoch_0010.pt")
+    again = build_backbone("resnet18")
+    load_pretrained(again, tmp_path / "epoch_0010.pt", "resnet18")
+    assert torch.equal(again.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_a_pretrained_file_for_another_architecture_is_refused_naming_its_keys(tmp_path):
+    import torchvision.models
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(
+        PretrainedRefused,
+        match=r"r18.pth: model.pretrained is not a resnet50 trunk: \d+ missing keys \(layer1.0.conv3.weight",
+    ):
+        load_pretrained(build_backbone("resnet50"), tmp_path / "r18.pth", "resnet50")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedRefused, match="junk.pth: model.pretrained: cannot be loaded safely"):
+        load_pretrained(build_backbone("resnet18"), tmp_path / "junk.pth", "resnet18")
 
 
 def test_cosine_head_logits_are_cosines_and_init_copies():

@@ -59,3 +59,54 @@ def test_the_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
     report = json.loads((empty / "runs" / "demo" / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
     assert (empty / "data" / "demo" / "train.txt").is_file()  # the built-in data, written here
+
+
+# The layers of docs/architecture.md ("Which way imports go"), bottom up: a module may import
+# from its own layer and those below, never from above.
+LAYERS = [
+    {"errors", "files", "locks", "progress", "tables", "layout"},
+    {
+        "data",
+        "models",
+        "losses",
+        "metrics",
+        "checkpoint",
+        "cache",
+        "distributed",
+        "engines",
+        "deepspeed_engine",
+        "plots",
+    },
+    {"config"},
+    {"run", "rundir", "stopping", "torchrun"},
+    {"stages"},
+    {"drivers", "predict", "bench", "cli", "launchers"},
+]
+# Imported inside a function, where it is needed, and named in docs/architecture.md.
+ALLOWED = {("ffn_dist.config", "ffn_dist.stages.methods")}
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.startswith("ffn_dist.") else module
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_imports_flow_one_way():
+    import ast
+
+    found = []
+    for path in [*(REPO / "ffn_dist").rglob("*.py"), *(REPO / "launchers").glob("*.py")]:
+        parts = path.relative_to(REPO).with_suffix("").parts
+        module = ".".join(["ffn_dist", *parts[1:]] if parts[0] == "ffn_dist" else ["ffn_dist", *parts])
+        if module.endswith("__init__") or module == "ffn_dist":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ffn_dist."):
+                target = node.module
+            elif isinstance(node, ast.Import) and node.names[0].name.startswith("ffn_dist."):
+                target = node.names[0].name
+            else:
+                continue
+            if layer_of(target) > layer_of(module) and (module, target) not in ALLOWED:
+                found.append(f"{module} imports {target}")
+    assert found == []

@@ -19,7 +19,8 @@ import yaml
 
 from ffn_dist.bench.cache import fake_stage1
 from ffn_dist.config import DataConfig, load_config
-from ffn_dist.run import NOT_INPUTS, STAGES, read_history, stage_identity, stage_inputs
+from ffn_dist.run.history import read_history
+from ffn_dist.run.stages import NOT_INPUTS, STAGES, stage_identity, stage_inputs
 from tests.conftest import CONFIG, REPO, cache_overrides, run_ffn, tiny_overrides
 
 STAGE_ORDER = [stage.name for stage in STAGES]
@@ -32,7 +33,7 @@ def own_data(tiny_root, tmp_path) -> Path:
 
 def stages_in_history(out: Path) -> list[str]:
     cfg = load_config(out / "config.yaml")
-    return [line["stage"] for line in read_history(cfg) if line["event"] == "complete"]
+    return [line["stage"].split()[0] for line in read_history(cfg) if line["event"] == "complete"]
 
 
 def output(result) -> str:
@@ -66,7 +67,7 @@ def test_a_started_run_ignores_edits_to_the_users_yaml(tiny_root, tmp_path, comm
     assert job.returncode == 0, log[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
-    assert not (out / "classifier" / "w1_0.80").exists()
+    assert not (out / "classifier" / "ffn" / "w1_0.80").exists()
     frozen = yaml.safe_load((out / "config.yaml").read_text())
     assert frozen["stage2"]["w1"] == 0.5 and frozen["stage1"]["epochs"] == 3
     # the report names the config behind it, kept in the run directory
@@ -86,14 +87,15 @@ def test_history_keeps_every_config_a_run_started_with(stage1_run, tiny_root, tm
     assert first.returncode == 0, output(first)[-3000:]
     second = run_ffn("run", CONFIG, *args, "stage2.w1=0.7", "stage2.w2=0.3")  # a later stage: allowed
     assert second.returncode == 0, output(second)[-3000:]
-    assert "classifier: runs again (stale: stage2.w1: 0.5 when it ran, 0.7 now" in second.stdout
+    assert "[classifier ffn w1=0.70] test top-1" in second.stdout  # another classifier, beside the first
+    assert (out / "classifier" / "ffn" / "w1_0.50" / "classifier.pt").is_file()
     history = read_history(load_config(out / "config.yaml"))
     configs = [line["config"] for line in history if line["event"] == "config"]
     assert len(set(configs)) == len(configs) >= 3  # stage 1's (another output_dir), then the two runs'
     assert all((out / "configs" / f"{c}.yaml").is_file() for c in configs)
     ran = {(line["stage"], line["config"]) for line in history if line["event"] == "complete"}
     assert ("stage1", configs[0]) in ran
-    assert {("classifier", configs[-2]), ("classifier", configs[-1])} <= ran
+    assert {("classifier ffn/w1_0.50", configs[-2]), ("classifier ffn/w1_0.70", configs[-1])} <= ran
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["config"] == configs[-1] and "FFN (w1=0.7)" in report["methods"]
 
@@ -135,11 +137,12 @@ def test_a_diverged_classifier_fails_and_writes_nothing(cached_run, tiny_root, t
     result = run_ffn("train-classifier", CONFIG, *args)
     assert result.returncode == 1, output(result)[-3000:]
     assert re.search(
-        r"error: \[classifier w1=0.50\] the loss is \S+ at epoch \d+: training diverged", result.stderr
+        r"error: \[classifier ffn w1=0.50\] the loss is \S+ at epoch \d+: training diverged", result.stderr
     )
-    assert not (out / "classifier" / "w1_0.50" / "classifier.pt").exists()
+    assert not (out / "classifier" / "ffn" / "w1_0.50" / "classifier.pt").exists()
     status = run_ffn("status", CONFIG, *args)
-    assert status.returncode == 1 and "classifier  failed: [classifier w1=0.50] the loss is" in status.stdout
+    failed = "classifier ffn/w1_0.50 failed: [classifier ffn w1=0.50] the loss is"
+    assert status.returncode == 1 and failed in status.stdout
 
 
 def test_the_cache_refuses_non_finite_embeddings(stage1_run, tiny_root, tmp_path):

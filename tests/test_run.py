@@ -39,7 +39,11 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
         assert f"| {method} | " in result.stdout.split("test accuracy (%), demo:")[-1]
     again = run_ffn("run", "demo.yaml", *SHORT, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    for skipped in ("stage1: complete, skipped", "cache: complete, skipped", "classifier: complete, skipped"):
+    for skipped in (
+        "stage1: complete, skipped",
+        "cache: complete, skipped",
+        "classifier ffn/w1_0.50: complete, skipped",
+    ):
         assert skipped in again.stdout
     assert json.loads((run_dir / "report" / "report.json").read_text())["methods"] == final["methods"]
     # a cache setting changed: the cache and every stage after it run again, saying why
@@ -47,7 +51,7 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
     assert views.returncode == 0, views.stderr[-3000:]
     assert "stage1: complete, skipped" in views.stdout
     assert "cache: runs again (stale: cache.train_views: 2 when it ran, 1 now)" in views.stdout
-    assert "classifier: runs again (stale: cache output cache/manifest.json: " in views.stdout
+    assert "classifier ffn/w1_0.50: runs again (stale: cache output cache/manifest.json: " in views.stdout
     assert json.loads((run_dir / "cache" / "manifest.json").read_text())["splits"]["train"]["rows"] == 585
 
 
@@ -63,3 +67,25 @@ def test_run_refuses_bad_config_with_one_line_and_writes_nothing(tmp_path):
         "on_bad_image, memory_limit_gb"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_alone_in_an_empty_directory_records_the_splits_it_read(tmp_path):
+    """The README's "one stage alone" row: the built-in data is written before the record is
+    begun, so the record holds the splits' contents and the same command continues from it."""
+    args = ["train-backbones", "demo", *SHORT]
+    first = run_ffn(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = json.loads((tmp_path / "runs" / "demo" / "stages" / "stage1.json").read_text())
+    hashes = {k: v for k, v in record["inputs"].items() if k.endswith("sha256")}
+    assert set(hashes) == {"data.train_split (train.txt) sha256", "data.test_split (test.txt) sha256"}
+    assert all(len(v) == 16 and int(v, 16) >= 0 for v in hashes.values())  # real digests, no "missing"
+    assert record["status"] == "complete"
+    again = run_ffn(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "another config" not in again.stderr
+    (tmp_path / "data" / "demo" / "test.txt").unlink()
+    missing = run_ffn("status", "demo", *SHORT, cwd=tmp_path)
+    assert (
+        "stage1      stale: " in missing.stdout
+        and "test.txt: split file not found (data.test_split)" in missing.stdout
+    )

@@ -15,7 +15,7 @@ import yaml
 from ffn_dist import rundir
 from ffn_dist.checkpoint import list_checkpoints
 from ffn_dist.config import load_config
-from ffn_dist.run import stage_identity
+from ffn_dist.run.stages import stage_identity
 from ffn_dist.rundir import RunDirHeld, hold_path, take_hold
 from ffn_dist.stopping import GRACE_S
 from tests.conftest import CONFIG, REPO, run_ffn, tiny_overrides
@@ -181,7 +181,7 @@ def test_sigterm_to_ffn_run_stops_the_whole_job_and_a_rerun_completes(tiny_root,
         if stage == "stage1":
             wait_for(lambda: list_checkpoints(out / "stage1" / "kps"), "stage 1 under way")
         else:
-            wait_for(lambda: (out / "cache" / "fingerprint.json").is_file(), "the cache under way")
+            wait_for(lambda: (out / "stages" / "cache.json").is_file(), "the cache under way")
         processes = job_processes(psutil.Process(job.pid))
         assert len(processes) >= 4  # ffn run, torchrun, its two workers
         job.send_signal(signal.SIGTERM)  # to the parent only, as timeout or docker stop do

@@ -125,7 +125,7 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
         assert not (out / "stage1" / branch / "interrupted.pt").exists()  # superseded
     report = json.loads((out / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
-    assert not (out / "classifier" / "w1_0.80").exists()
+    assert not (out / "classifier" / "ffn" / "w1_0.80").exists()
 
 
 def test_a_failing_stage1_stops_the_chain_and_is_reported(slurm_env, tiny_root, tmp_path):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from ffn_dist.config import load_config, shipped_configs
 from ffn_dist.data.longtail import make_lt
+from ffn_dist.drivers import compare_methods, fused_sweep, parse_sweep, summarise_seeds, val_choice
 from ffn_dist.errors import FFNError
-from ffn_dist.run import write_json, write_text
+from ffn_dist.files import write_json, write_text
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
-from ffn_dist.stages.classifier import parse_sweep, train_classifier, val_choice
-from ffn_dist.stages.methods import METHODS, compare_methods, summarise_seeds
+from ffn_dist.stages.methods import METHODS
 from ffn_dist.stages.pipeline import run_pipeline, timed
 from ffn_dist.tables import (
     ACCURACY_COLUMNS,
@@ -119,10 +119,11 @@ def run_seed(schedule: str, archive: Path, work: Path, seed: int) -> dict:
     with holding(cfg.output_dir):  # the pipeline and the sweep, one job
         results = run_pipeline(cfg)
         seconds = dict(results["seconds"])
+        cache = open_run_cache(cfg)
         with timed(seconds, "sweep"):
-            sweep = train_classifier(cfg, parse_sweep("w1=0:1:0.1"))
+            sweep = fused_sweep(cfg, cache, parse_sweep("w1=0:1:0.1"))
         with timed(seconds, "methods"):  # every classifier method on every feature source
-            compared = compare_methods(cfg, open_run_cache(cfg), list(METHODS), "auto")
+            compared = compare_methods(cfg, cache, list(METHODS))
     seconds["total"] = round(time.perf_counter() - began, 1)
     stage1 = results["methods"]
     body = {

@@ -21,11 +21,12 @@ import torch
 from ffn_dist.bench.timing import interleaved_runs, median_ratio, medians, synchronize
 from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import Config
-from ffn_dist.data.dataset import open_dataset
+from ffn_dist.data.dataset import open_dataset, write_builtin
 from ffn_dist.data.loader import build_loader, default_device
 from ffn_dist.distributed import BRANCHES
 from ffn_dist.models.precision import autocast, place_images, place_model
-from ffn_dist.run import begin_stage, branch_dir, cache_dir, final_checkpoint, finish_stage, stage_identity
+from ffn_dist.run.paths import branch_dir, cache_dir, final_checkpoint
+from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
 from ffn_dist.stages.backbones import build_network
 from ffn_dist.stages.cache import STORED_DTYPES, cache_features
 from ffn_dist.tables import markdown_table
@@ -35,6 +36,7 @@ WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 def fake_stage1(cfg: Config) -> None:
     """A complete stage 1 of freshly initialised weights (timings do not care)."""
+    write_builtin(cfg.data)  # the record hashes the split files
     begin_stage(cfg, "stage1")
     for branch in BRANCHES:
         state = {
@@ -96,7 +98,10 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
         on_disk = sum(p["bytes"] for s in manifest["splits"].values() for p in s["parts"])
     rows = sum(s["rows"] for s in manifest["splits"].values())
     stored = len(BRANCHES) if cfg.cache.store == "normalized" else 1
-    payload = rows * manifest["dims"] * stored * STORED_DTYPES[cfg.cache.dtype].itemsize
+    payload = sum(  # each split in its own dtype (val and test: fp32)
+        entry["rows"] * manifest["dims"] * stored * STORED_DTYPES[manifest["dtype"][name]].itemsize
+        for name, entry in manifest["splits"].items()
+    )
     result = {
         "images": images,
         "device": str(device),
@@ -121,7 +126,7 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
             ],
         )
         + f"\ncache size {on_disk:,} bytes = {result['size_vs_payload']:.3f} x rows x dims x bytes "
-        f"({rows:,} x {manifest['dims']} x {stored} x {STORED_DTYPES[cfg.cache.dtype].itemsize})",
+        f"({rows:,} rows x {manifest['dims']} x {stored}, train {cfg.cache.dtype}, val and test fp32)",
         flush=True,
     )
     return result

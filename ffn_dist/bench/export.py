@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from ffn_dist.bench.timing import interleaved_medians
-from ffn_dist.models import FusedClassifier, LinearForm, build_backbone
+from ffn_dist.files import write_json
+from ffn_dist.models.backbones import build_backbone
+from ffn_dist.models.heads import FusedClassifier, LinearForm
 from ffn_dist.predict import ExportedModel
-from ffn_dist.run import write_json
 from ffn_dist.stages.export import save_model
 from ffn_dist.tables import markdown_table
 

@@ -4,7 +4,7 @@
 (b) the authors' way: both frozen backbones run on every batch of every epoch, timed on the
     configured data (CIFAR-10-LT with ResNet-32, or the built-in digits) and compared with
     an epoch on a cache of the same rows and dims.
-The cache epochs run `CachedEpochs.epoch` with FFN's step, the code `ffn train-classifier` runs.
+The cache epochs run `CachedEpochs.epoch` on FFN's loss, the code `ffn train-classifier` runs.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader, default_device
 from ffn_dist.distributed import BRANCHES
 from ffn_dist.losses import LDAMLoss
-from ffn_dist.models import CosineHead, fused_embedding
+from ffn_dist.models.backbones import backbone_entry
+from ffn_dist.models.heads import CosineHead, fused_embedding
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.stages.backbones import build_network
-from ffn_dist.stages.classifier import ClassifierStep, ClassifierTrainer
+from ffn_dist.stages.epochs import CachedEpochs, CosineStep, OptimizerStep, classifier_device
 from ffn_dist.tables import markdown_table
-
-SYNTHETIC = {"identity": "synthetic", "inputs": {"synthetic": True}}
 
 
 def write_synthetic_cache(
@@ -61,31 +60,43 @@ def write_synthetic_cache(
             info = write_shard(directory / file, tensors, {"split": name, "view": "0", "part": str(number)})
             parts.append({**info, "file": file, "view": 0})
         splits[name] = {"rows": count, "parts": parts}
-    manifest = {
-        "store": "normalized",
-        "dtype": "fp16",
-        "dims": dims,
-        "fingerprint": SYNTHETIC,
-        "splits": splits,
-    }
-    write_manifest(directory, manifest)
-    return open_cache(directory, SYNTHETIC, verify=False)
+    write_manifest(directory, {"store": "normalized", "dtype": "fp16", "dims": dims, "splits": splits})
+    return open_cache(directory, verify=False)
 
 
-def _cache_epoch_runner(cfg: Config, cache: FeatureCache):
-    trainer = ClassifierTrainer(cfg, cache, torch.randn(cfg.data.num_classes, cache.dims))
-    _, train_step = trainer.new_classifier()
+def ffn_step(cfg: Config, counts, dims: int, device: torch.device) -> CosineStep:
+    """FFN's classifier (a cosine head, random init) and its step, as the classifier stage builds them."""
+    s2 = cfg.stage2
+    head = CosineHead(dims, cfg.data.num_classes).to(device)
+    loss = LDAMLoss(counts, s2.ldam_max_m, s2.ldam_s).trusting_labels().to(device)
+    return CosineStep(head, loss, s2.momentum, s2.weight_decay)
+
+
+def cache_epoch_runner(cfg: Config, cache: FeatureCache, torch_step: bool = False):
+    """Epochs of FFN's classifier on `cache`: its written-out step, or with `torch_step` the
+    same on autograd and torch.optim.SGD (what the written-out step is measured against)."""
+    train = cache.splits["train"]
+    device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
+    loop = CachedEpochs(cfg, train, device, cfg.stage2.w1)
+    counts = torch.bincount(torch.from_numpy(train.labels), minlength=cfg.data.num_classes)
+    step = ffn_step(cfg, counts, cache.dims, device)
+    if torch_step:
+        head = CosineHead(cache.dims, cfg.data.num_classes).to(device)
+        loss, s2 = step.loss, cfg.stage2
+        step = OptimizerStep(
+            [head.weight], lambda z, y: loss(head(z, normalized=True), y), s2.momentum, s2.weight_decay
+        )
     epochs = iter(range(10**6))
 
     def run() -> float:
         start = time.perf_counter()
-        trainer.epochs.epoch(train_step, next(epochs), cfg.stage2.w1).item()  # waits for the device
+        loop.epoch(step, next(epochs), "balanced").item()  # waits for the device
         return time.perf_counter() - start
 
-    return run, trainer.epochs.steps
+    return run, loop.steps
 
 
-def _matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device: torch.device):
+def matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device: torch.device):
     """The two products of a step, logits z W^T and weight gradient G^T z, `steps` times."""
     z, grad = torch.randn(batch, dims, device=device), torch.randn(batch, classes, device=device)
     weight = torch.randn(classes, dims, device=device)
@@ -111,9 +122,7 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
     networks = {b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in BRANCHES}
     loader = build_loader(cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=scratch)
     s2 = cfg.stage2
-    head = CosineHead(networks["ce"].backbone.embedding_dim, cfg.data.num_classes).to(device)
-    loss_fn = LDAMLoss(dataset.train.class_counts(), s2.ldam_max_m, s2.ldam_s).trusting_labels().to(device)
-    train_step = ClassifierStep(head, loss_fn, s2.momentum, s2.weight_decay)
+    step_of = ffn_step(cfg, dataset.train.class_counts(), networks["ce"].backbone.embedding_dim, device)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
     stream = endless_batches(loader)
 
@@ -122,7 +131,7 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
         with torch.no_grad(), autocast(device, cfg.model.precision):
             images = place_images(batch.images, device)
             f_ce, f_kps = (networks[b].embed(images).float() for b in BRANCHES)
-        train_step(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels.to(device), s2.lr)
+        step_of(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels.to(device), s2.lr)
 
     step()  # warm-up: loader start, first allocations
 
@@ -146,15 +155,18 @@ def bench_stage2(
         if rows:
             print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
             big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
-            big_epoch, big_steps = _cache_epoch_runner(_with_classes(cfg, classes), big)
-            bound = _matmul_bound_runner(big_steps, batch, dims, classes, default_device())
-            large_runs = interleaved_runs({"cache epoch": big_epoch, "matrix products": bound}, rounds)
+            big_epoch, big_steps = cache_epoch_runner(_with_classes(cfg, classes), big)
+            bound = matmul_bound_runner(big_steps, batch, dims, classes, default_device())
+            torch_epoch, _ = cache_epoch_runner(_with_classes(cfg, classes), big, torch_step=True)
+            large_runs = interleaved_runs(
+                {"cache epoch": big_epoch, "torch step": torch_epoch, "matrix products": bound}, rounds
+            )
             large = medians(large_runs)
 
         backbones, images = _backbone_epoch_runner(cfg, backbone_steps, tmp)
-        embedding_dim = build_network(cfg, "ce").backbone.embedding_dim
+        embedding_dim = backbone_entry(cfg.model.arch).embedding_dim
         same = write_synthetic_cache(Path(tmp) / "same", images, embedding_dim, cfg.data.num_classes)
-        same_epoch, _ = _cache_epoch_runner(cfg, same)
+        same_epoch, _ = cache_epoch_runner(cfg, same)
         small = interleaved_medians({"cache epoch": same_epoch, "backbones every batch": backbones}, rounds)
 
     result = {
@@ -167,6 +179,7 @@ def bench_stage2(
     table = []
     if large:
         result["large"] = {"rows": rows, "dims": dims, "classes": classes, "seconds_per_epoch": large}
+        result["torch_vs_written_out"] = median_ratio(large_runs["torch step"], large_runs["cache epoch"])
         result["large_epoch_vs_matmul_bound"] = median_ratio(
             large_runs["cache epoch"], large_runs["matrix products"]
         )
@@ -175,6 +188,8 @@ def bench_stage2(
             [f"cache {rows:,} x 2 x {dims}, {classes} classes", f"{large['cache epoch']:.2f}", ""],
             ["  its matrix products alone", f"{large['matrix products']:.2f}", ""],
             ["  cache / products, median per round", "", f"{result['large_epoch_vs_matmul_bound']:.2f}x"],
+            ["  the same on torch's step (autograd, torch.optim)", f"{large['torch step']:.2f}", ""],
+            ["  torch's / written-out step, median per round", "", f"{result['torch_vs_written_out']:.2f}x"],
         ]
     table += [
         [f"{cfg.data.root} ({images:,} images): cache", f"{small['cache epoch']:.3f}", ""],

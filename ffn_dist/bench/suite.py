@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ffn_dist.config import load_config
+from ffn_dist.files import write_json
 
 
 def machine() -> dict:
@@ -105,6 +105,5 @@ def bench_all(
 
 
 def write(figures: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(figures, indent=2))
+    write_json(path, figures)
     print(f"\nall figures: {path}", flush=True)

@@ -1,8 +1,10 @@
 """One cache shard: a safetensors file (no pickle), written atomically, memory-mapped to read.
 
 A shard `NAME.safetensors` is written as `NAME.safetensors.tmp` and renamed when complete;
-then `NAME.safetensors.json` records its row count and sha256, which is how a rerun or a
-reader tells a finished, intact shard from a truncated or altered one.
+then `NAME.safetensors.json` records its row count, sha256, size and modification time,
+which is how a rerun or a reader tells a finished, intact shard from a truncated or altered
+one: by its metadata (a shard whose size and time are those recorded is not read), or with
+`verify` by its sha256 (what a reader does before it uses the shards).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import save
 
 from ffn_dist.errors import FFNError
-from ffn_dist.run import sha256_file, write_bytes, write_json
+from ffn_dist.files import current_sha, file_stamp, sha256_file, write_bytes, write_json
 
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
@@ -33,21 +35,17 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """Write atomically, then the sidecar; returns what the sidecar records."""
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     write_bytes(path, data, sync=True)
-    info = {
-        "file": path.name,
-        "rows": int(tensors["labels"].shape[0]),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    info = {"file": path.name, "rows": int(tensors["labels"].shape[0]), "sha256": sha256_file(path)}
+    info.update(file_stamp(path))
     write_json(sidecar_path(path), info)
     return info
 
 
-def shard_problem(path: Path, record: dict | None = None) -> str | None:
+def shard_problem(path: Path, record: dict | None = None, verify: bool = False) -> str | None:
     """Why the shard at `path` cannot be used (None if it is complete and intact).
 
-    `record`: the size and sha256 to check against (a manifest's entry); by default the
-    sidecar written with the shard.
+    `record`: the size, time and sha256 to check against (a manifest's entry); by default
+    the sidecar written with the shard. `verify`: hash it even where its metadata matches.
     """
     if not path.is_file():
         return "missing"
@@ -62,9 +60,18 @@ def shard_problem(path: Path, record: dict | None = None) -> str | None:
     size = path.stat().st_size
     if size != record.get("bytes"):
         return f"size {size} bytes, expected {record.get('bytes')} (truncated or altered)"
-    if sha256_file(path) != record.get("sha256"):
+    if current_sha(path, record, verify) != str(record.get("sha256"))[:16]:
         return "sha256 differs from the one recorded when it was written (altered)"
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """A shard found damaged is renamed `NAME.damaged` and its sidecar removed, so that the
+    cache stage sees the part as missing and rewrites it alone."""
+    sidecar_path(path).unlink(missing_ok=True)
+    damaged = path.with_name(path.name + ".damaged")
+    path.replace(damaged)
+    return damaged
 
 
 class MappedShard:

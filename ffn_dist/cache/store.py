@@ -1,14 +1,15 @@
 """A feature cache on disk: `manifest.json` and shards per split and view, read as one table.
 
-The manifest is written last, so its presence means every shard it lists was complete. It
-records the fingerprint the cache was made from (the sha256 of both backbone checkpoints
-and every setting that changes an embedding); a reader whose fingerprint differs is refused
-with the list of what changed, and every shard is checked against its recorded sha256.
+The manifest is written last, so its presence means every shard it lists was complete; it
+lists each shard's rows, size, time and sha256. Whether the cache is the current one for a
+run (its backbones, its settings) is the cache stage's record's to say (run/stages.py); a
+reader checks the shards themselves: by their metadata, or hashed (`verify`, before it
+trains on them). A shard found damaged is set aside and named, and the cache stage rewrites
+it alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffn_dist import run
-from ffn_dist.cache.shards import CacheError, MappedShard, shard_problem
+from ffn_dist.cache.shards import CacheError, MappedShard, set_aside, shard_problem
+from ffn_dist.files import write_json
 
 MANIFEST = "manifest.json"
-
-
-def describe_changes(recorded: dict, current: dict) -> list[str]:
-    """What differs between the fingerprint a cache was made from and the current one."""
-    return run.describe_changes(recorded.get("inputs", {}), current["inputs"], then="when cached")
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -38,7 +34,7 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 def write_manifest(directory: Path, body: dict) -> Path:
-    return run.write_json(Path(directory) / MANIFEST, body)
+    return write_json(Path(directory) / MANIFEST, body)
 
 
 class CachedSplit:
@@ -107,40 +103,42 @@ class FeatureCache:
     splits: dict[str, CachedSplit]
 
     @property
-    def cache_id(self) -> str:
-        """Identity of the cache's contents: the hash of its shards' hashes."""
-        digest = hashlib.sha256()
-        for split in sorted(self.manifest["splits"]):
-            for part in self.manifest["splits"][split]["parts"]:
-                digest.update(part["sha256"].encode())
-        return digest.hexdigest()[:16]
-
-    @property
     def dims(self) -> int:
         return int(self.manifest["dims"])
 
 
-def open_cache(directory: Path, fingerprint: dict, verify: bool = True) -> FeatureCache:
-    """Open a complete cache made from `fingerprint`; refuse a stale, partial or damaged one."""
+def check_shards(directory: Path, manifest: dict, verify: bool = False, reader: bool = False) -> None:
+    """Every shard the manifest lists, present and unchanged (by metadata; hashed with
+    `verify`). A `reader` (about to train on them, not `ffn status`, which changes nothing)
+    sets a damaged one aside, so that the cache stage sees it missing and rewrites it alone."""
+    for entry in manifest["splits"].values():
+        for part in entry["parts"]:
+            path = Path(directory) / part["file"]
+            problem = shard_problem(path, part, verify)
+            if problem is None:
+                continue
+            if reader and problem != "missing":
+                set_aside(path)
+            raise CacheError(
+                f"{path}: {problem}; `ffn run` (or `ffn cache-features`) rewrites this shard alone"
+            )
+
+
+def open_cache(directory: Path, verify: bool = True) -> FeatureCache:
+    """Open a complete cache; `verify`: every shard hashed against the manifest first (the
+    shards are read anyway: this reads each once more, in order, and warms the page cache)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
         raise CacheError(f"{directory}: no complete feature cache (no {MANIFEST}); run `ffn cache-features`")
-    changes = describe_changes(manifest["fingerprint"], fingerprint)
-    if changes:
-        raise CacheError(
-            f"{directory / MANIFEST}: the cache no longer matches this config and these backbones: "
-            + "; ".join(changes)
-            + ". Rebuild it with `ffn cache-features CONFIG --rebuild`"
+    check_shards(directory, manifest, verify, reader=True)
+    splits = {
+        name: CachedSplit(
+            name,
+            [MappedShard(directory / part["file"]) for part in entry["parts"]],
+            manifest["store"],
+            manifest.get("fusion"),
         )
-    splits = {}
-    for name, entry in manifest["splits"].items():
-        shards = []
-        for part in entry["parts"]:
-            path = directory / part["file"]
-            problem = shard_problem(path, part) if verify else None
-            if problem:
-                raise CacheError(f"{path}: {problem}; rerun `ffn cache-features` to rewrite it")
-            shards.append(MappedShard(path))
-        splits[name] = CachedSplit(name, shards, manifest["store"], manifest.get("fusion"))
+        for name, entry in manifest["splits"].items()
+    }
     return FeatureCache(directory, manifest, splits)

@@ -20,22 +20,29 @@ class Dataset:
         return {name: split for name, split in named.items() if split is not None}
 
 
-def _split_path(root: Path, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() else root / path
+def split_path(data_cfg, name: str) -> Path | None:
+    """The file of split `name` (train, val, test): `data.NAME_split`, relative to
+    `data.root` unless absolute; None where the config has none."""
+    value = getattr(data_cfg, f"{name}_split")
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else Path(data_cfg.root) / path
+
+
+def write_builtin(data_cfg) -> None:
+    """The built-in dataset, written into `data.root` if the config names one and it is absent:
+    before anything reads (or hashes) its split files."""
+    if data_cfg.builtin:
+        ensure_builtin(data_cfg.builtin, Path(data_cfg.root))
 
 
 def open_dataset(data_cfg) -> Dataset:
-    root = Path(data_cfg.root)
-    if data_cfg.builtin:
-        ensure_builtin(data_cfg.builtin, root)
-    classes = data_cfg.num_classes
+    write_builtin(data_cfg)
+    root, classes = Path(data_cfg.root), data_cfg.num_classes
 
     def read(name, is_train=False):
-        return read_split(_split_path(root, name), root, classes, is_train=is_train)
+        path = split_path(data_cfg, name)
+        return None if path is None else read_split(path, root, classes, is_train=is_train)
 
-    return Dataset(
-        train=read(data_cfg.train_split, is_train=True),
-        val=read(data_cfg.val_split) if data_cfg.val_split else None,
-        test=read(data_cfg.test_split),
-    )
+    return Dataset(train=read("train", is_train=True), val=read("val"), test=read("test"))

@@ -54,6 +54,37 @@ def list_image_folder(root: Path) -> tuple[list[str], list[list[str]]]:
     return classes, files
 
 
+def hold_out_val(
+    pool_sizes: list[int], chosen: list, per_class: int, rng: np.random.Generator, names: list[str]
+) -> tuple[list[list[int]], list[list[int]], dict[str, int]]:
+    """A balanced validation split from the images the long-tailed split left unused:
+    `per_class` of each class's pool (positions 0..size-1), drawn with `rng` after the
+    training ones (`chosen`). A class whose whole pool is in the long tail (the head class of
+    the exp profile: CIFAR-10-LT uses all 5,000 of its airplanes) gives the shortfall from its
+    training images, which leave the training split. Returns the val positions per class
+    (sorted), the training positions kept (in their order) and the shortfall per class name."""
+    picked_all, kept, shortfalls = [], [list(c) for c in chosen], {}
+    for label, size in enumerate(pool_sizes):
+        if not per_class:
+            picked_all.append([])
+            continue
+        left = sorted(set(range(size)) - set(kept[label]))
+        picked = list(rng.choice(left, min(per_class, len(left)), replace=False))
+        short = per_class - len(picked)
+        if short:
+            if short >= len(kept[label]):
+                raise SplitError(
+                    f"class {names[label]}: {size} images, too few for --val-per-class "
+                    f"{per_class} and its {len(kept[label])} training images"
+                )
+            moved = set(rng.choice(kept[label], short, replace=False).tolist())
+            kept[label] = [i for i in kept[label] if i not in moved]
+            picked += sorted(moved)
+            shortfalls[names[label]] = short
+        picked_all.append(sorted(picked))
+    return picked_all, kept, shortfalls
+
+
 def make_lt(
     image_root: Path,
     out_dir: Path,
@@ -119,23 +150,10 @@ def make_lt(
         for files, count in zip(train_pool, counts, strict=True)
     ]
     test = [(f, label) for label, files in enumerate(test_pool) for f in files]
-    val, shortfalls = [], {}
-    if val_per_class:
-        for label, files in enumerate(train_pool):
-            left = sorted(set(range(len(files))) - set(chosen[label]))
-            picked = list(rng.choice(left, min(val_per_class, len(left)), replace=False))
-            short = val_per_class - len(picked)
-            if short:  # the class's whole pool is in the long tail (CIFAR-10-LT's head class)
-                if short >= len(chosen[label]):
-                    raise SplitError(
-                        f"class {classes[label]}: {len(files)} images, too few for --val-per-class "
-                        f"{val_per_class} and its {len(chosen[label])} training images"
-                    )
-                moved = set(rng.choice(chosen[label], short, replace=False).tolist())
-                chosen[label] = [i for i in chosen[label] if i not in moved]
-                picked += sorted(moved)
-                shortfalls[classes[label]] = short
-            val += [(files[i], label) for i in sorted(picked)]
+    picked, chosen, shortfalls = hold_out_val(
+        [len(files) for files in train_pool], chosen, val_per_class or 0, rng, classes
+    )
+    val = [(files[i], label) for label, files in enumerate(train_pool) for i in picked[label]]
     counts = [len(c) for c in chosen]
     train = [(files[i], label) for label, files in enumerate(train_pool) for i in chosen[label]]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ffn_dist.errors import FFNError
-from ffn_dist.run import write_text
+from ffn_dist.files import write_text
 
 # Shot groups as defined since OLTR: many > 100 training images, medium 20..100, few < 20.
 MANY_SHOT_MIN = 101

@@ -23,17 +23,12 @@ class LinearHead(nn.Linear):
         super().__init__(embedding_dim, num_classes)
 
 
-def cosine_and_norms(features: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z @ normalize(W)^T, |w_j|): the cosine logits of (already normalised) features."""
-    norms = torch.linalg.vector_norm(weight, dim=1)
-    return (features @ weight.t()).div_(norms), norms
-
-
-def weight_gradient_terms(
+def cosine_weight_gradient(
     grad_cosine: torch.Tensor, cosine: torch.Tensor, norms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, r) with dL/dW = S^T z - r[:, None] * W: S = dL/dcos / |w_j| and
-    r_j = sum_i S_ij cos_ij / |w_j|, since d cos_ij / d w_j = z_i / |w_j| - cos_ij w_j / |w_j|^2."""
+    """The project's one written-out gradient: (S, r) with dL/dW = S^T z - r[:, None] W for the
+    cosines of (normalised) z against W's rows, S = dL/dcos / |w_j| and r_j = sum_i S_ij cos_ij
+    / |w_j|, since d cos_ij / d w_j = z_i / |w_j| - cos_ij w_j / |w_j|^2."""
     scaled = grad_cosine / norms
     return scaled, (scaled * cosine).sum(0).div_(norms)
 
@@ -41,11 +36,9 @@ def weight_gradient_terms(
 class CosineLogits(torch.autograd.Function):
     """cos(z_i, w_j) scaled by |z_i| (inputs are normalised by the caller): z @ normalize(W)^T.
 
-    The weight gradient is written out, one matrix product and one pass over W (its terms
-    are shared with stage 2's written-out step), because autograd's version (normalise,
-    matmul, norm backward, accumulate) allocates and walks the C x D gradient several times
-    per step: at batch 64 on a cache of ImageNet-LT's size that cost about 3x the two matrix
-    products (measured with `ffn bench stage2`).
+    Its weight gradient is `cosine_weight_gradient`: one matrix product and one pass over W,
+    because autograd's version (normalise, matmul, norm backward, accumulate) allocates and
+    walks the C x D gradient several times per step.
     Computed in the weight's precision (fp32) under any autocast: the head is small and margins need it.
     """
 
@@ -54,7 +47,8 @@ class CosineLogits(torch.autograd.Function):
         ctx.input_dtype = features.dtype
         with without_autocast(features.device.type):
             features = features.to(weight.dtype)
-            cosine, norms = cosine_and_norms(features, weight)
+            norms = torch.linalg.vector_norm(weight, dim=1)
+            cosine = (features @ weight.t()).div_(norms)
         ctx.save_for_backward(features, weight, norms, cosine)
         return cosine
 
@@ -62,7 +56,7 @@ class CosineLogits(torch.autograd.Function):
     def backward(ctx, grad_cosine: torch.Tensor):
         features, weight, norms, cosine = ctx.saved_tensors
         with without_autocast(grad_cosine.device.type):
-            scaled, radial = weight_gradient_terms(grad_cosine.to(weight.dtype), cosine, norms)
+            scaled, radial = cosine_weight_gradient(grad_cosine.to(weight.dtype), cosine, norms)
             grad_weight = weight * -radial[:, None]
             grad_weight.addmm_(scaled.t(), features)
             grad_features = (scaled @ weight).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
@@ -101,6 +95,12 @@ def fused_embedding(f_kps: torch.Tensor, f_ce: torch.Tensor, w1: float, w2: floa
     """z = w1 * f̂_kps + w2 * f̂_ce; the fusion weights must sum to 1."""
     check_fusion_weights(w1, w2)
     return w1 * F.normalize(f_kps, dim=1) + w2 * F.normalize(f_ce, dim=1)
+
+
+def fusion_pair(w1: float) -> tuple[float, float]:
+    """(w1, w2) with w2 = 1 - w1: the one place the CE branch's weight is derived."""
+    w1 = float(w1)
+    return w1, round(1.0 - w1, 6)
 
 
 def check_fusion_weights(w1: float, w2: float) -> None:
@@ -175,9 +175,8 @@ class FusedClassifier(nn.Module):
 
     def __init__(self, ce: nn.Module, kps: nn.Module, w1: float, head: LinearForm):
         super().__init__()
-        check_fusion_weights(w1, round(1.0 - w1, 6))
         self.ce, self.kps, self.head = ce, kps, head
-        self.w1, self.w2 = float(w1), round(1.0 - w1, 6)
+        self.w1, self.w2 = fusion_pair(w1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(fused_embedding(self.kps(images), self.ce(images), self.w1, self.w2))

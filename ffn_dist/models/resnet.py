@@ -1,9 +1,6 @@
-"""Backbone trunks: each returns its pooled embedding; heads live in `heads.py`.
-
-ResNet-32 is the CIFAR network of He et al. (2016) as the LDAM / KPS / FFN code uses it:
-3 stages of 5 basic blocks, 16/32/64 channels, parameter-free (option A) shortcuts, a
-64-d embedding. ResNet-50 is torchvision's, randomly initialised, with a 2048-d embedding.
-"""
+"""ResNet-32, the CIFAR network of He et al. (2016) as the LDAM / KPS / FFN code uses it: 3
+stages of 5 basic blocks, 16/32/64 channels, parameter-free (option A) shortcuts, a 64-d
+embedding. The registry of every backbone by name is `backbones.py`."""
 
 from __future__ import annotations
 
@@ -54,21 +51,3 @@ class ResNet32(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(F.relu(self.bn1(self.conv1(x))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
-
-
-def _resnet50_trunk() -> nn.Module:
-    from torchvision.models import resnet50
-
-    model = resnet50(weights=None)  # no download: FFN trains from scratch
-    model.fc = nn.Identity()
-    model.embedding_dim = 2048
-    return model
-
-
-BACKBONES = {"resnet32": ResNet32, "resnet50": _resnet50_trunk}
-
-
-def build_backbone(arch: str) -> nn.Module:
-    if arch not in BACKBONES:
-        raise ValueError(f"unknown backbone {arch!r}; available: {', '.join(BACKBONES)}")
-    return BACKBONES[arch]()

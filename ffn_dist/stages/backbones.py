@@ -22,6 +22,7 @@ from torch import nn
 from ffn_dist.checkpoint import (
     CheckpointError,
     ConfigMismatch,
+    checkpoint_path,
     clear_interrupted,
     interrupted_path,
     list_checkpoints,
@@ -44,22 +45,14 @@ from ffn_dist.distributed import (
     rank0_decides,
 )
 from ffn_dist.engines import wrap_for_training
+from ffn_dist.files import save_torch, write_json
 from ffn_dist.losses import CELoss, KPSLoss
 from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
-from ffn_dist.models import CosineHead, LinearHead, build_backbone
+from ffn_dist.models.backbones import build_backbone, load_pretrained
+from ffn_dist.models.heads import CosineHead, LinearHead
 from ffn_dist.models.precision import autocast, place_images, place_model
-from ffn_dist.run import (
-    StageFailed,
-    begin_stage,
-    branch_dir,
-    checkpoint_path,
-    final_checkpoint,
-    finish_stage,
-    recorded,
-    save_torch,
-    stage_identity,
-    write_json,
-)
+from ffn_dist.run.paths import branch_dir, final_checkpoint, tensorboard_dir
+from ffn_dist.run.stages import StageFailed, begin_stage, finish_stage, recorded, stage_identity
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import StopRequested, stop_on, stop_requested
 
@@ -78,10 +71,14 @@ class Network(nn.Module):
         return self.head(self.backbone(images))
 
 
-def build_network(cfg: Config, branch: str) -> Network:
-    """CE: linear head; KPS: cosine head. Seeded per branch, so a group's replicas start equal."""
+def build_network(cfg: Config, branch: str, pretrained: bool = False) -> Network:
+    """CE: linear head; KPS: cosine head. Seeded per branch, so a group's replicas start equal;
+    with `pretrained`, the trunk from `model.pretrained` where the config names a file (stage
+    1's start; a trained network is loaded from its checkpoint, which needs no such file)."""
     torch.manual_seed(cfg.seed * len(BRANCHES) + BRANCHES.index(branch))
     backbone = build_backbone(cfg.model.arch)
+    if pretrained and cfg.model.pretrained:
+        load_pretrained(backbone, cfg.model.pretrained, cfg.model.arch)
     head_cls = LinearHead if branch == "ce" else CosineHead
     return Network(backbone, head_cls(backbone.embedding_dim, cfg.data.num_classes))
 
@@ -93,10 +90,14 @@ def build_loss(cfg: Config, branch: str, class_counts: np.ndarray) -> nn.Module:
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
-    """Linear warm-up over `warmup_epochs`, then the step factors from their milestones."""
+    """Linear warm-up over `warmup_epochs`, then the step factors from their milestones, or
+    (`schedule: cosine`) half a cosine from 1 after the warm-up to 0 at the last epoch."""
     s1 = cfg.stage1
     if epoch_progress < s1.warmup_epochs:
         return (epoch_progress + 1e-8) / s1.warmup_epochs
+    if s1.schedule == "cosine":
+        done = (epoch_progress - s1.warmup_epochs) / max(s1.epochs - s1.warmup_epochs, 1e-8)
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
     factor = 1.0
     for milestone, milestone_factor in zip(s1.lr_milestones, s1.lr_factors, strict=True):
         if epoch_progress >= milestone:
@@ -156,7 +157,7 @@ class BranchTrainer:
         self.counts = dataset.train.class_counts()
         self.dir = branch_dir(cfg, branch.name)
         self.hash = stage_identity(cfg, "stage1")
-        net = place_model(build_network(cfg, branch.name), world.device)
+        net = place_model(build_network(cfg, branch.name, pretrained=True), world.device)
         # labels come from the training split, validated when it was read
         self.loss = build_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
         self.lr = base_lr(cfg, branch.size)
@@ -178,7 +179,7 @@ class BranchTrainer:
         if branch.is_first:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / branch.name))
+            self.writer = SummaryWriter(str(tensorboard_dir(cfg, branch.name)))
 
     # ------------------------------------------------------------------ checkpoints
     def _paths(self, epoch: int, step: int) -> tuple[Path, Path]:
@@ -396,9 +397,12 @@ def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
     reports = {}
     try:
         with holding(cfg.output_dir, world):
+            # The splits are read (built-in data written) before the record is begun, so that
+            # it holds their contents as this stage reads them; a config the run's checkpoints
+            # do not come from is refused before its record (or history) is touched.
+            dataset = open_dataset(cfg.data)
             cfg = rank0_decides(world, lambda: _begin(cfg))  # every rank trains from rank 0's
             with recorded(cfg, "stage1"):
-                dataset = open_dataset(cfg.data)
                 try:
                     for branch in make_branches(world, cfg.dist):
                         if only in (None, branch.name):

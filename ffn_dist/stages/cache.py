@@ -5,7 +5,10 @@ Under torchrun with any number of processes. The work is cut into parts of
 number of processes; the parts still missing (or damaged) are dealt round-robin to the
 ranks, so a rerun, or a requeued job with a different size, completes only what is left.
 View 0 of every split uses the eval transform; training views 1..V-1 the stage-1 train
-transform (no mixup), because the method's stage 2 trains on augmented crops.
+transform (no mixup), because the method's stage 2 trains on augmented crops. The training
+views are stored in `cache.dtype`; the val and test splits are computed and stored in fp32,
+without autocast: the numbers the exported model computes from the same pixels, so that the
+report and `ffn predict` agree (docs/export.md says to what rule).
 """
 
 from __future__ import annotations
@@ -23,43 +26,58 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ffn_dist.cache.shards import CacheError, shard_problem, sidecar_path, write_shard
-from ffn_dist.cache.store import FeatureCache, describe_changes, open_cache, read_manifest, write_manifest
+from ffn_dist.cache.store import FeatureCache, check_shards, open_cache, read_manifest, write_manifest
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config, config_to_dict
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split
 from ffn_dist.distributed import BRANCHES, World, init_world, rank0_decides
-from ffn_dist.models import build_backbone
+from ffn_dist.models.backbones import backbone_entry
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
-from ffn_dist.run import (
+from ffn_dist.run.paths import cache_dir, final_checkpoint
+from ffn_dist.run.stages import (
     StageFailed,
     begin_stage,
-    cache_dir,
-    final_checkpoint,
+    describe_changes,
     finish_stage,
+    read_record,
     recorded,
     stage_identity,
     stage_inputs,
-    write_json,
+    stage_state,
 )
 from ffn_dist.rundir import holding
 from ffn_dist.stages.backbones import Network, build_network
 
 STORED_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+EVAL_DTYPE = "fp32"  # val and test: what the export computes
 
 
-def cache_fingerprint(cfg: Config) -> dict:
-    """What the cache is made from: the stage's inputs (its settings, the split files'
-    contents, stage 1's recorded checkpoints) and their identity."""
-    inputs = stage_inputs(cfg, "cache")
-    return {"identity": stage_identity(cfg, "cache", inputs), "inputs": inputs}
+def stored_dtype(cfg: Config, split: str) -> str:
+    return cfg.cache.dtype if split == "train" else EVAL_DTYPE
 
 
-def open_run_cache(cfg: Config) -> FeatureCache:
-    """The run's cache, checked against the current config and checkpoints."""
-    return open_cache(cache_dir(cfg), cache_fingerprint(cfg))
+def open_run_cache(cfg: Config, verify: bool = True) -> FeatureCache:
+    """The run's cache, refused unless the cache stage is complete for the current config
+    and checkpoints; `verify`: its shards hashed before use (a reader's check)."""
+    state, detail = stage_state(cfg, "cache")
+    if state != "complete":
+        raise CacheError(
+            f"{cache_dir(cfg)}: the feature cache is {state}{f' ({detail})' if detail else ''}; "
+            "run `ffn cache-features` (or `ffn run`)"
+        )
+    return open_cache(cache_dir(cfg), verify)
+
+
+def check_run_cache(cfg: Config, verify: bool = False) -> None:
+    """The cache stage's completeness check: the manifest and every shard it lists, by
+    metadata (hashed with `verify`: `ffn status --verify`)."""
+    manifest = read_manifest(cache_dir(cfg))
+    if manifest is None:
+        raise CacheError(f"{cache_dir(cfg)}: no manifest.json; the cache is not complete")
+    check_shards(cache_dir(cfg), manifest, verify)
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,7 @@ class _PartWriter:
         if self.pending:
             tensors = {k: torch.cat([p[k] for p in self.pending]) for k in (*keys, "labels", "indices")}
         else:  # every image of the part was excluded as unreadable
-            dtype = STORED_DTYPES[self.cfg.cache.dtype]
+            dtype = STORED_DTYPES[stored_dtype(self.cfg, part.split)]
             tensors = {k: torch.zeros(0, self.dims, dtype=dtype) for k in keys}
             tensors.update(labels=torch.zeros(0, dtype=torch.long), indices=torch.zeros(0, dtype=torch.long))
         metadata = {"split": part.split, "view": str(part.view), "part": str(part.number)}
@@ -130,9 +148,10 @@ class _PartWriter:
         self.pending, self.current, self.written = [], self.current + 1, self.written + 1
 
 
-def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, world: World) -> dict:
-    stored = STORED_DTYPES[cfg.cache.dtype]
-    with torch.no_grad(), autocast(world.device, cfg.model.precision):
+def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, world: World, split: str) -> dict:
+    stored = STORED_DTYPES[stored_dtype(cfg, split)]
+    precision = cfg.model.precision if split == "train" else "fp32"
+    with torch.no_grad(), autocast(world.device, precision):
         images = place_images(images, world.device)
         unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in BRANCHES}
     if cfg.cache.store == "fused":
@@ -155,6 +174,7 @@ def _refuse_non_finite(rows: dict, where: str, cfg: Config) -> None:
 
 def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Part], networks, directory):
     """Run the backbones over this rank's parts of one (split, view) and write them."""
+    split_name = parts[0].split
     wanted = np.concatenate([np.arange(p.start, p.stop) for p in parts])
     data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.cache.batch_size)
     subset = split.subset(wanted)
@@ -175,7 +195,7 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
         # Loader positions -> sample indices of the full split (bad images may have been dropped).
         lines = loader.split.lines[batch.indices.numpy()]
         indices = torch.from_numpy(np.searchsorted(split.lines, lines))
-        rows = _embed(networks, batch.images, cfg, world)
+        rows = _embed(networks, batch.images, cfg, world, split_name)
         _refuse_non_finite(rows, f"cache {parts[0].split} view {view} images {int(indices[0])}..", cfg)
         rows.update(labels=batch.labels.cpu().long(), indices=indices)
         writer.add(rows)
@@ -185,22 +205,23 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
     return writer.written
 
 
-def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: list[Part]) -> list[Part]:
-    """Rank 0: check the cache matches (or clear it), list the parts still to write."""
+def _begin(cfg: Config, rebuild: bool, parts: list[Part]) -> list[Part]:
+    """Rank 0: record the stage's start; a cache begun (or made) from other inputs, as its
+    record says, is refused or, with `rebuild`, cleared; returns the parts still to write."""
     directory = cache_dir(cfg)
-    fingerprint_file = directory / "fingerprint.json"
-    if fingerprint_file.is_file():
-        changes = describe_changes(json.loads(fingerprint_file.read_text()), fingerprint)
-        if changes and not rebuild:
-            raise CacheError(
-                f"{directory}: this cache was made from other backbones or settings: "
-                + "; ".join(changes)
-                + ". Rerun with --rebuild to replace it, or use another output_dir"
-            )
-        if changes:
-            print(f"cache: replacing {directory}: {'; '.join(changes)}", flush=True)
-            shutil.rmtree(directory)
-    write_json(fingerprint_file, fingerprint)
+    previous = read_record(cfg, "cache")
+    inputs = stage_inputs(cfg, "cache")
+    changes = describe_changes(previous["inputs"], inputs, then="when cached") if previous else []
+    if changes and directory.exists() and not rebuild:  # refused before the record is touched
+        raise CacheError(
+            f"{directory}: this cache was made from other backbones or settings: "
+            + "; ".join(changes)
+            + ". Rerun with --rebuild to replace it, or use another output_dir"
+        )
+    begin_stage(cfg, "cache")
+    if changes and directory.exists():
+        print(f"cache: replacing {directory}: {'; '.join(changes)}", flush=True)
+        shutil.rmtree(directory)
     missing = []
     for part in parts:
         problem = shard_problem(directory / part.file)
@@ -213,7 +234,7 @@ def _prepare_directory(cfg: Config, fingerprint: dict, rebuild: bool, parts: lis
     return missing
 
 
-def _write_final_manifest(cfg: Config, fingerprint: dict, parts: list[Part], dims: int) -> Path:
+def _write_final_manifest(cfg: Config, parts: list[Part], dims: int) -> Path:
     directory = cache_dir(cfg)
     splits: dict[str, dict] = {}
     for part in parts:
@@ -222,14 +243,13 @@ def _write_final_manifest(cfg: Config, fingerprint: dict, parts: list[Part], dim
         entry["rows"] += record["rows"]
         entry["parts"].append({**record, "file": part.file, "view": part.view})
     body = {
-        "format": 1,
+        "format": 2,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "store": cfg.cache.store,
-        "dtype": cfg.cache.dtype,
+        "dtype": {"train": cfg.cache.dtype, "val": EVAL_DTYPE, "test": EVAL_DTYPE},
         "dims": dims,
         "train_views": cfg.cache.train_views,
         "fusion": {"w1": cfg.stage2.w1, "w2": cfg.stage2.w2} if cfg.cache.store == "fused" else None,
-        "fingerprint": fingerprint,
         "config": config_to_dict(cfg),
         "splits": splits,
     }
@@ -257,9 +277,7 @@ def _cache_features(cfg: Config, world: World, rebuild: bool) -> Path:
     dataset = open_dataset(cfg.data)
     splits = dataset.splits()
     parts = plan_parts(splits, cfg)
-    fingerprint = rank0_decides(world, lambda: cache_fingerprint(cfg))
-    rank0_decides(world, lambda: begin_stage(cfg, "cache"))
-    missing = rank0_decides(world, lambda: _prepare_directory(cfg, fingerprint, rebuild, parts))
+    missing = rank0_decides(world, lambda: _begin(cfg, rebuild, parts))
     mine = missing[world.rank :: world.size]
     written = 0
     if mine:
@@ -269,8 +287,8 @@ def _cache_features(cfg: Config, world: World, rebuild: bool) -> Path:
             written += _extract(cfg, world, splits[split_name], view, group, networks, cache_dir(cfg))
     print(f"[cache rank {world.rank}] wrote {written} shard(s)", flush=True)
     dist.barrier()
-    dims = build_backbone(cfg.model.arch).embedding_dim
-    manifest = rank0_decides(world, lambda: _write_final_manifest(cfg, fingerprint, parts, dims))
+    dims = backbone_entry(cfg.model.arch).embedding_dim
+    manifest = rank0_decides(world, lambda: _write_final_manifest(cfg, parts, dims))
     if world.rank == 0:
         summary = read_manifest(cache_dir(cfg))
         rows = ", ".join(f"{name} {entry['rows']} rows" for name, entry in summary["splits"].items())

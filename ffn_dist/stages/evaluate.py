@@ -2,9 +2,10 @@
 
 CE and KPS alone are each branch's own head on the test split as stage 1 scored it (the
 CE linear head; the KPS cosine logits, argmax without r or margins, as the authors do).
-FFN is the stage-2 classifier at the configured w1. After `ffn train-classifier --methods`,
-the method chosen on the val split joins them. Outputs go to `output_dir/report/`:
-report.json, report.md, per_class.png (the paper's Fig. 6) and, with --tsne, tsne.png.
+The third row is the configured classifier (`stage2.method` at `stage2.w1`; FFN's by
+default). After `ffn train-classifier --methods`, the method chosen on the val split joins
+them. Outputs go to `output_dir/report/`: report.json, report.md, per_class.png (the paper's
+Fig. 6) and, with --tsne, tsne.png.
 """
 
 from __future__ import annotations
@@ -16,20 +17,14 @@ import numpy as np
 
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
+from ffn_dist.files import write_json, write_text
+from ffn_dist.layout import BRANCHES
 from ffn_dist.plots import figure
-from ffn_dist.run import (
-    begin_stage,
-    branch_dir,
-    classifier_dir,
-    config_id,
-    finish_stage,
-    methods_dir,
-    recorded,
-    report_dir,
-    write_json,
-    write_text,
-)
+from ffn_dist.run.history import config_id
+from ffn_dist.run.paths import branch_dir, classifier_root, methods_dir, report_dir, tensorboard_dir
+from ffn_dist.run.stages import begin_stage, finish_stage, recorded, stage_outputs
 from ffn_dist.rundir import holds_run_dir
+from ffn_dist.stages.classifier import read_result
 from ffn_dist.tables import ACCURACY_COLUMNS, accuracy_cells, column_names, markdown_table
 
 TSNE_POINTS = 2000
@@ -41,14 +36,17 @@ def _read(path: Path, produced_by: str) -> dict:
     return json.loads(path.read_text())
 
 
+def classifier_name(cfg: Config) -> str:
+    """The configured classifier's row: `FFN (w1=0.5)`, `crt (w1=0.5)`."""
+    method = "FFN" if cfg.stage2.method == "ffn" else cfg.stage2.method
+    return f"{method} (w1={cfg.stage2.w1:g})"
+
+
 def collect_results(cfg: Config) -> dict:
-    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in ("ce", "kps")}
-    ffn = _read(classifier_dir(cfg, cfg.stage2.w1) / "report.json", "`ffn train-classifier`")
-    methods = {
-        "CE": stage1["ce"]["test"],
-        "KPS": stage1["kps"]["test"],
-        f"FFN (w1={cfg.stage2.w1:g})": ffn["test"],
-    }
+    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in BRANCHES}
+    stage_outputs(cfg, "classifier")  # refused, saying what to run, unless it is complete
+    methods = {b.upper(): stage1[b]["test"] for b in BRANCHES}
+    methods[classifier_name(cfg)] = read_result(cfg)["test"]
     compared = methods_dir(cfg) / "methods.json"
     if compared.is_file():  # `ffn train-classifier --methods`: the one chosen on val beside them
         body = json.loads(compared.read_text())
@@ -61,10 +59,11 @@ def collect_results(cfg: Config) -> dict:
     results = {
         "name": cfg.name,
         "config": config_id(cfg),  # configs/ID.yaml in the run directory: the settings behind it
-        "train_counts": stage1["ce"]["train_counts"],
+        "classifier": {"method": cfg.stage2.method, "w1": cfg.stage2.w1},
+        "train_counts": stage1[BRANCHES[0]]["train_counts"],
         "methods": methods,
     }
-    sweep = Path(cfg.output_dir) / "classifier" / "sweep.json"
+    sweep = classifier_root(cfg) / "sweep.json"
     if sweep.is_file():
         results["sweep"] = json.loads(sweep.read_text())
     return results
@@ -137,7 +136,7 @@ def _evaluate(cfg: Config, tsne: bool) -> dict:
     plot_per_class(results, out / "per_class.png")
     if tsne:
         plot_tsne(cfg, out / "tsne.png")
-    with SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / "evaluate")) as writer:
+    with SummaryWriter(str(tensorboard_dir(cfg, "evaluate"))) as writer:
         for method, report in results["methods"].items():
             for column in ACCURACY_COLUMNS:
                 if report.get(column) is not None:

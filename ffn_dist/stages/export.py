@@ -1,46 +1,39 @@
-"""`ffn export CONFIG [--method NAME] [--w1 X]`: the trained FFN classifier as one model that
-runs outside this project.
+"""`ffn export CONFIG`: the run's classifier (`stage2.method` at `stage2.w1`) as one model
+that runs outside this project.
 
 Writes `output_dir/export/`:
   model.onnx  the whole classifier as one graph, from a normalised image batch (NCHW float32,
               any batch size) to logits: both backbones, their unit embeddings, the fusion at
-              w1 and the stage-2 classifier (or a `--methods` classifier of fused features).
-              Runs with ONNX Runtime alone.
+              w1 and the stage-2 classifier. Runs with ONNX Runtime alone.
   model.pt2   the same model as a `torch.export` program: `torch.export.load(path).module()`
               runs it with torch alone, without this package.
   model.json  class names in logit order, the eval preprocessing, the training class counts
               and shot groups, the method and w1, the run's config identity and the test
               accuracy the run reported for this classifier.
+Another classifier of the run is exported by naming it: `ffn export CONFIG stage2.method=crt`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ffn_dist.config import Config
+from ffn_dist.data.dataset import split_path
 from ffn_dist.data.splits import shot_groups
 from ffn_dist.errors import FFNError
-from ffn_dist.models import FusedClassifier, LinearForm
-from ffn_dist.run import (
-    classifier_dir,
-    config_id,
-    methods_dir,
-    run_dir,
-    split_file,
-    stage_identity,
-    stage_inputs,
-    stage_state,
-    write_json,
-    writing,
-)
+from ffn_dist.files import write_json, writing
+from ffn_dist.layout import BRANCHES
+from ffn_dist.models.heads import FusedClassifier
+from ffn_dist.run.history import config_id
+from ffn_dist.run.paths import export_dir
+from ffn_dist.run.stages import stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
-from ffn_dist.stages.cache import load_frozen, open_run_cache
-from ffn_dist.stages.classifier import at_w1
-from ffn_dist.stages.methods import METHODS, Source, method_identity
+from ffn_dist.stages.cache import load_frozen
+from ffn_dist.stages.classifier import load_form, read_result
+from ffn_dist.stages.methods import REGISTRY
 
 FORMAT = 1
 
@@ -49,14 +42,10 @@ class ExportRefused(FFNError):
     pass
 
 
-def export_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "export"
-
-
 def class_names(cfg: Config) -> list[str]:
     """`classes.txt` beside the training split (as `ffn splits make-lt` writes it), one name
     per line in label order; else the labels themselves."""
-    path = split_file(cfg, "train").parent / "classes.txt"
+    path = split_path(cfg.data, "train").parent / "classes.txt"
     if not path.is_file():
         return [str(label) for label in range(cfg.data.num_classes)]
     names = path.read_text().splitlines()
@@ -65,53 +54,6 @@ def class_names(cfg: Config) -> list[str]:
             f"{path}: {len(names)} class names, expected data.num_classes={cfg.data.num_classes}"
         )
     return names
-
-
-def ffn_classifier(cfg: Config, w1: float) -> tuple[LinearForm, dict]:
-    """FFN's stage-2 classifier at w1, refused unless it was trained on this run's cache."""
-    directory = classifier_dir(cfg, w1)
-    if not (directory / "report.json").is_file():
-        raise ExportRefused(
-            f"{directory}: no complete classifier for w1={w1:g}; run `ffn train-classifier` "
-            f"(with --sweep w1={w1:g} for another w1) first"
-        )
-    report = json.loads((directory / "report.json").read_text())
-    cache = open_run_cache(cfg)
-    inputs = stage_inputs(at_w1(cfg, w1), "classifier", upstream={"cache": cache.cache_id})
-    if report.get("identity") != stage_identity(cfg, "classifier", inputs):
-        raise ExportRefused(
-            f"{directory}: trained from other settings or another cache; run `ffn train-classifier` again"
-        )
-    weight = torch.load(directory / "classifier.pt", weights_only=True)["weight"]
-    return LinearForm.cosine(weight), report["test"]
-
-
-def method_classifier(cfg: Config, method: str, w1: float | None) -> tuple[LinearForm, dict, float]:
-    """A classifier `ffn train-classifier --methods` fitted on fused features."""
-    row_path = methods_dir(cfg) / f"{method}_fused.json"
-    if not row_path.is_file():
-        raise ExportRefused(
-            f"{row_path}: no {method} classifier of fused features; run "
-            f"`ffn train-classifier CONFIG --methods {method}` first"
-        )
-    row = json.loads(row_path.read_text())
-    selected_on = row["chosen"].get("selected_on")
-    source = Source("fused", row["w1"])
-    identity = method_identity(
-        cfg, open_run_cache(cfg), method, source, None if selected_on == "published defaults" else selected_on
-    )
-    if row.get("identity") != identity:
-        raise ExportRefused(
-            f"{row_path}: fitted from other settings or another cache; rerun `--methods {method}`"
-        )
-    form_path = row_path.with_suffix(".pt")
-    if not form_path.is_file():
-        raise ExportRefused(f"{form_path}: missing (fitted by an older version); rerun --methods {method}")
-    if w1 is not None and abs(w1 - row["w1"]) > 1e-6:
-        raise ExportRefused(
-            f"--method {method} was fitted on fused features at w1={row['w1']:g}, not --w1 {w1:g}"
-        )
-    return LinearForm.from_state(torch.load(form_path, weights_only=True)), row["test"], row["w1"]
 
 
 def _refuse_non_finite(model: torch.nn.Module) -> None:
@@ -136,31 +78,28 @@ def save_model(model: torch.nn.Module, out: Path, image_size: int) -> None:
 
 
 @holds_run_dir
-def export_run(cfg: Config, method: str = "ffn", w1: float | None = None) -> Path:
-    """Write `output_dir/export/`; returns its path."""
-    if method not in METHODS:
-        raise ExportRefused(f"--method {method}: expected one of {', '.join(METHODS)}")
-    if method == "joint":
-        raise ExportRefused("--method joint: the branches' own stage-1 heads have no form on fused features")
-    state, detail = stage_state(cfg, "stage1")
-    if state != "complete":
-        raise ExportRefused(f"stage 1 is {state}{f' ({detail})' if detail else ''}; run `ffn run` first")
-    if method == "ffn":
-        w1 = cfg.stage2.w1 if w1 is None else w1
-        head, reported = ffn_classifier(cfg, w1)
-    else:
-        head, reported, w1 = method_classifier(cfg, method, w1)
+def export_run(cfg: Config) -> Path:
+    """Write `output_dir/export/` for the configured classifier; returns its path."""
+    for name in ("stage1", "classifier"):
+        state, detail = stage_state(cfg, name)
+        if state != "complete":
+            label = stage_named(name).label(cfg)
+            raise ExportRefused(
+                f"{label} is {state}{f' ({detail})' if detail else ''}; run `ffn run` "
+                f"(or `ffn {stage_named(name).command}`) with this config first"
+            )
+    s2, result = cfg.stage2, read_result(cfg)
     cpu = torch.device("cpu")
-    ce, kps = (load_frozen(cfg, branch, cpu).backbone for branch in ("ce", "kps"))
-    model = FusedClassifier(ce, kps, w1, head).eval()
+    ce, kps = (load_frozen(cfg, branch, cpu).backbone for branch in BRANCHES)
+    model = FusedClassifier(ce, kps, s2.w1, load_form(cfg)).eval()
     _refuse_non_finite(model)
     out = export_dir(cfg)
     size = cfg.data.image_size
-    print(f"export: {method} at w1={w1:g}: tracing ({size}x{size} inputs, any batch size)", flush=True)
+    print(f"export: {s2.method} at w1={s2.w1:g}: tracing ({size}x{size} inputs, any batch size)", flush=True)
     save_model(model, out, size)
-    train = open_run_cache(cfg).splits["train"]
-    counts = np.bincount(train.labels[train.rows_of_view(0)], minlength=cfg.data.num_classes)
+    counts = np.asarray(result["train_counts"])
     groups = shot_groups(counts)
+    reported = result["test"]
     description = {
         "format": FORMAT,
         "classes": class_names(cfg),
@@ -176,11 +115,11 @@ def export_run(cfg: Config, method: str = "ffn", w1: float | None = None) -> Pat
         },
         "train_counts": counts.tolist(),
         "shot_groups": {name: np.flatnonzero(mask).tolist() for name, mask in groups.items()},
-        "method": method,
-        # probabilities = softmax(scale * logits): FFN's cosine logits were trained at LDAM's s
-        "probability_scale": cfg.stage2.ldam_s if method == "ffn" else 1.0,
-        "w1": w1,
-        "w2": round(1.0 - w1, 6),
+        "method": s2.method,
+        # probabilities = softmax(scale * logits): cosine logits were trained at LDAM's s
+        "probability_scale": s2.ldam_s if REGISTRY[s2.method].cosine else 1.0,
+        "w1": model.w1,
+        "w2": model.w2,
         "config": config_id(cfg),
         "reported_test": {k: reported.get(k) for k in ("top1", "top5", "many", "medium", "few", "samples")},
         "files": {"onnx": "model.onnx", "torch": "model.pt2"},

@@ -18,17 +18,9 @@ from ffn_dist.config import Config
 from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import describe_groups, plan_groups, planned_placements
-from ffn_dist.run import (
-    STAGES,
-    Stage,
-    load_run_config,
-    note_end,
-    report_dir,
-    run_dir,
-    run_stage,
-    stage_state,
-    start_run,
-)
+from ffn_dist.run.history import load_run_config, note_end
+from ffn_dist.run.paths import report_dir, run_dir
+from ffn_dist.run.stages import STAGES, Stage, run_stage, stage_state, start_run
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import run_group
 
@@ -95,10 +87,10 @@ def _run_stages(cfg: Config) -> dict:
             if not stage.always:
                 state, detail = stage_state(cfg, stage.name)
                 if state == "complete":
-                    print(f"{stage.name}: complete, skipped", flush=True)
+                    print(f"{stage.label(cfg)}: complete, skipped", flush=True)
                     continue
                 if state in ("stale", "failed"):
-                    print(f"{stage.name}: runs again ({state}: {detail})", flush=True)
+                    print(f"{stage.label(cfg)}: runs again ({state}: {detail})", flush=True)
             if stage.processes == "all":
                 torchrun(cfg, stage)
             else:

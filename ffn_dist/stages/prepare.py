@@ -7,7 +7,9 @@ from ffn_dist.config import Config
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.splits import split_stats
 from ffn_dist.data.transforms import TransformSpec
-from ffn_dist.run import begin_stage, finish_stage, recorded, run_dir, write_json
+from ffn_dist.files import write_json
+from ffn_dist.run.paths import run_dir
+from ffn_dist.run.stages import begin_stage, finish_stage, recorded
 
 
 def format_stats_table(stats: dict[str, dict]) -> str:
@@ -41,10 +43,19 @@ def check_memory_backend(cfg: Config, dataset: Dataset) -> None:
         check_fits(split, spec, cfg.data.memory_limit_gb, default_device())
 
 
+def check_pretrained(cfg: Config) -> None:
+    """`model.pretrained` refused before stage 1 starts when it is not a trunk of `model.arch`."""
+    if cfg.model.pretrained:
+        from ffn_dist.models.backbones import build_backbone, load_pretrained
+
+        load_pretrained(build_backbone(cfg.model.arch), cfg.model.pretrained, cfg.model.arch)
+
+
 def prepare(cfg: Config) -> Dataset:
     with recorded(cfg, "data"):
         dataset = open_dataset(cfg.data)  # writes a built-in dataset first: before its hashes
         check_memory_backend(cfg, dataset)
+        check_pretrained(cfg)
         begin_stage(cfg, "data")
         stats = {name: split_stats(split) for name, split in dataset.splits().items()}
         print(format_stats_table(stats), flush=True)

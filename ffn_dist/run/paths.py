@@ -1,0 +1,99 @@
+"""Every path of a run directory, built here and nowhere else.
+
+output_dir/
+  config.yaml  configs/ID.yaml  history.jsonl      the frozen config and what ran (history)
+  stages/NAME.json                                  a stage's record (stages)
+  stages/classifier/METHOD/w1_X.XX[_seedS].json     one classifier's record: a stage of variants
+  stage1/BRANCH/epoch_NNNN.pt, report.json          stage 1 (checkpoint names: checkpoint.py)
+  cache/manifest.json, SPLIT/viewV/partNNNNN.safetensors
+  classifier/METHOD/w1_X.XX[_seedS]/                one classifier: classifier.pt, result.json
+  classifier/sweep.*, classifier/methods/...        the drivers' tables, built from records
+  report/  export/  tensorboard/  slurm/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ffn_dist.checkpoint import checkpoint_path
+
+if TYPE_CHECKING:
+    from ffn_dist.config import Config
+
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "history.jsonl"
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir)
+
+
+def frozen_config_path(cfg: Config) -> Path:
+    return run_dir(cfg) / CONFIG_FILE
+
+
+def kept_config_path(cfg: Config, config_id: str) -> Path:
+    return run_dir(cfg) / "configs" / f"{config_id}.yaml"
+
+
+def history_path(cfg: Config) -> Path:
+    return run_dir(cfg) / HISTORY_FILE
+
+
+def record_path(cfg: Config, name: str, variant: str | None = None) -> Path:
+    """A stage's record; a stage of variants (the classifier) keeps one per variant."""
+    records = run_dir(cfg) / "stages"
+    return records / f"{name}.json" if variant is None else records / name / f"{variant}.json"
+
+
+def branch_dir(cfg: Config, branch: str) -> Path:
+    return run_dir(cfg) / "stage1" / branch
+
+
+def final_checkpoint(cfg: Config, branch: str) -> Path:
+    return checkpoint_path(branch_dir(cfg, branch), cfg.stage1.epochs)
+
+
+def cache_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "cache"
+
+
+def classifier_variant(cfg: Config) -> str:
+    """Which classifier a config trains: its method, its fusion weight and (when stage 2
+    draws from another seed than the run's) its seed. Settings beyond these (epochs, grids)
+    are in its identity: a change retrains it in the same place."""
+    s2 = cfg.stage2
+    seed = "" if s2.seed is None or s2.seed == cfg.seed else f"_seed{s2.seed}"
+    return f"{s2.method}/w1_{s2.w1:.2f}{seed}"
+
+
+def classifier_dir(cfg: Config) -> Path:
+    return classifier_root(cfg) / classifier_variant(cfg)
+
+
+def classifier_root(cfg: Config) -> Path:
+    """Where the classifiers and the drivers' tables (sweep, methods, seeds) go."""
+    return run_dir(cfg) / "classifier"
+
+
+def methods_dir(cfg: Config, seed: int | None = None) -> Path:
+    """`--methods`' tables (another stage-2 seed's: in seedN/)."""
+    out = classifier_root(cfg) / "methods"
+    return out if seed is None or seed == cfg.seed else out / f"seed{seed}"
+
+
+def report_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "report"
+
+
+def export_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "export"
+
+
+def tensorboard_dir(cfg: Config, part: str) -> Path:
+    return run_dir(cfg) / "tensorboard" / part
+
+
+def slurm_dir(cfg: Config) -> Path:
+    return run_dir(cfg).resolve() / "slurm"
