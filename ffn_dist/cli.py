@@ -72,13 +72,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+PRIOR_HELP = (
+    "the test label prior: a file of one frequency (or count) a line, line i for class i, or "
+    "'uniform'; logits move by log(prior / training prior)"
+)
+
+
 def cmd_predict(args) -> int:
     from ffn_dist.predict import ExportedModel, predict_images, score_split
     from ffn_dist.stages.evaluate import accuracy_table
 
     if bool(args.split) == bool(args.images) or bool(args.split) != bool(args.root):
         raise FFNError("give IMAGE... or --split FILE --root DIR (not both)")
-    model = ExportedModel(args.export_dir, args.runtime)
+    model = ExportedModel(args.export_dir, args.runtime, args.prior)
     if args.images:
         results = predict_images(model, args.images, args.top_k)
         if args.json:
@@ -92,6 +98,7 @@ def cmd_predict(args) -> int:
         print(json.dumps(report, indent=1))
         return 0
     name = f"{model.meta['method']} (w1={model.meta['w1']:g}), {args.runtime}"
+    name += f", prior {args.prior}" if args.prior else ""
     print(
         f"{accuracy_table({name: report})}\n{report['samples']} images in {report['seconds']:g} s "
         f"({report['images_per_s']:,.0f} img/s)"
@@ -102,7 +109,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from ffn_dist.stages.evaluate import evaluate_run
 
-    evaluate_run(_config(args), tsne=args.tsne)
+    evaluate_run(_config(args), tsne=args.tsne, prior=args.prior)
     return 0
 
 
@@ -423,11 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--threads", type=int, default=2, help="image decoding threads")
     predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--prior", default=None, help=PRIOR_HELP)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="CE, KPS and FFN test accuracy: JSON, Markdown, plots")
     _add_config_args(evaluate)
     evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
+    evaluate.add_argument("--prior", default=None, help=PRIOR_HELP + "; measured against no adjustment")
     evaluate.set_defaults(func=cmd_evaluate)
 
     submit = sub.add_parser("submit", help="the pipeline as 3 chained SLURM jobs (submitit)")

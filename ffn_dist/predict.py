@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ffn_dist.errors import FFNError
+from ffn_dist.priors import logit_adjustment, read_prior
 from ffn_dist.progress import progress
 
 # The rule `ffn predict --split` keeps to the report: the report scores the run's classifier
@@ -62,7 +63,7 @@ def preprocess(path: Path, spec: dict, where: str | None = None) -> np.ndarray:
 class ExportedModel:
     """`model.json` and one runtime's model: `logits(batch)` for an N x 3 x S x S batch."""
 
-    def __init__(self, directory: str | Path, runtime: str = "onnx"):
+    def __init__(self, directory: str | Path, runtime: str = "onnx", prior: str | None = None):
         self.directory = Path(directory)
         described = self.directory / "model.json"
         if not described.is_file():
@@ -72,6 +73,12 @@ class ExportedModel:
         self.meta = json.loads(described.read_text())
         self.classes = self.meta["classes"]
         self.runtime = runtime
+        # --prior: the logits move from the training prior to the one given (priors.py)
+        self.adjustment = (
+            None
+            if prior is None
+            else logit_adjustment(read_prior(prior, len(self.classes)), self.meta["train_counts"])
+        )
         model = self.directory / self.meta["files"][runtime]
         if runtime == "onnx":
             import onnxruntime
@@ -90,11 +97,19 @@ class ExportedModel:
             self._run = run
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        """The model's logits, moved to `--prior` where one was given (what predictions rank)."""
+        logits = self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.adjustment is None:
+            return logits
+        return logits + (self.adjustment / self.meta["probability_scale"]).astype(np.float32)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """softmax(scale * logits): the scale the classifier was trained with (FFN's LDAM s)."""
-        scaled = logits * self.meta["probability_scale"]
+        """softmax(scale * logits / T): the scale the classifier was trained with (FFN's LDAM s),
+        the temperature fitted on val (none where it was not fitted). T > 0 divides every logit
+        alike, so it calibrates the probabilities and never changes which class ranks first."""
+        scaled = (
+            logits.astype(np.float64) * self.meta["probability_scale"] / (self.meta["temperature"] or 1.0)
+        )
         scaled -= scaled.max(axis=1, keepdims=True)
         exp = np.exp(scaled)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -114,13 +129,14 @@ def predict_images(model: ExportedModel, images: list[str], top_k: int) -> list[
 
 
 def score_split(model: ExportedModel, split_path: str, root: str, batch_size: int, threads: int) -> dict:
-    """Top-1, top-5 and the shot groups of a split file, as the report gives them."""
+    """Top-1, top-5, the shot groups, shifted priors and calibration (of the export's calibrated
+    probabilities) of a split file, as the report gives them."""
     from ffn_dist.data.splits import read_split
     from ffn_dist.metrics import accuracy_report
 
     split = read_split(split_path, root, len(model.classes))
     spec = model.meta["preprocess"]
-    top5, start = [], time.perf_counter()
+    top5, scores, start = [], [], time.perf_counter()
     bar = progress(desc=f"predict {Path(split_path).name} ({model.runtime})", total=len(split))
 
     def load(i: int) -> np.ndarray:
@@ -131,8 +147,17 @@ def score_split(model: ExportedModel, split_path: str, root: str, batch_size: in
             indices = range(begin, min(begin + batch_size, len(split)))
             logits = model.logits(np.stack(list(pool.map(load, indices))))
             top5.append(np.argsort(-logits, axis=1, kind="stable")[:, :5])
+            probabilities = model.probabilities(logits)
+            labels = split.labels[indices.start : indices.stop]
+            with np.errstate(divide="ignore"):
+                scores.append(
+                    np.stack(
+                        [probabilities.max(axis=1), np.log(probabilities[np.arange(len(labels)), labels])], 1
+                    )
+                )
             bar.update(len(indices))
     bar.close()
     seconds = time.perf_counter() - start
-    report = accuracy_report(split.labels, np.concatenate(top5), np.asarray(model.meta["train_counts"]))
+    counts = np.asarray(model.meta["train_counts"])
+    report = accuracy_report(split.labels, np.concatenate(top5), counts, np.concatenate(scores))
     return {**report, "seconds": round(seconds, 2), "images_per_s": round(len(split) / seconds, 1)}

@@ -64,6 +64,13 @@ def test_the_classifier_learns_the_cache_and_its_record_says_when_it_is_current(
     changed = with_settings(cfg, {"stage2.epochs": 2})
     assert fit_classifier(changed, cache)["epochs"] == 2  # other settings: trained again, saying why
     assert "runs again (stale: stage2.epochs: 6 when it ran, 2 now)" in capsys.readouterr().out
+    # a record of a release whose result.json held no calibration: trained again, saying why
+    path = tmp_path / "stages" / "classifier" / "ffn" / "w1_0.50.json"
+    older = json.loads(path.read_text())
+    del older["inputs"]["outputs version"]
+    path.write_text(json.dumps(older))
+    assert "temperature" in fit_classifier(changed, cache)
+    assert "runs again (stale: outputs version: None when it ran, 2 now)" in capsys.readouterr().out
 
 
 def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
@@ -86,7 +93,14 @@ def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
     report = json.loads((cached_run / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
     assert report["methods"]["FFN (w1=0.5)"] == sweep[1]["test"]  # the configured w1 is the sweep's
-    assert report["classifier"] == {"method": "ffn", "w1": 0.5}
+    assert report["classifier"] == {
+        "method": "ffn",
+        "w1": 0.5,
+        "temperature": {
+            "value": None,
+            "fitted": "not fitted: the run has no val split (data.val_split is null)",
+        },
+    }
     assert len(report["sweep"]) == 3 and len(report["train_counts"]) == 10
     for png in ("per_class.png", "tsne.png"):
         assert (cached_run / "report" / png).stat().st_size > 1000

@@ -93,10 +93,9 @@ def assert_the_export_equals_the_report(work: Path, runtime: str, reported: dict
         json.loads((work / "runs" / "demo" / "export" / "model.json").read_text())["train_counts"]
     )
     top = lambda logits: np.argsort(-logits, axis=1, kind="stable")[:, :5]  # noqa: E731
-    assert accuracy_report(labels, top(ours), counts) == {
-        k: v for k, v in reported.items()
-    }  # the report's scoring
-    assert {k: scored[k] for k in reported} == accuracy_report(labels, top(theirs), counts)  # predict's
+    plain = accuracy_report(labels, top(ours), counts)  # accuracies (calibration: its own test)
+    assert plain == {k: reported[k] for k in plain}  # the report's scoring
+    assert {k: scored[k] for k in plain} == accuracy_report(labels, top(theirs), counts)  # predict's
     differs_top1 = top(ours)[:, 0] != top(theirs)[:, 0]
     differs_top5 = np.any(np.sort(top(ours), 1) != np.sort(top(theirs), 1), axis=1)
     assert not np.any(differs_top1 & ~near_tie(ours, 1)), "top-1 differs beyond a near-tie"
@@ -221,7 +220,7 @@ def test_a_run_of_another_method_reports_exports_and_shows_it(exported, tmp_path
     assert "| crt (w1=0.5) |" in ran.stdout
     report = json.loads((work / "runs" / "demo" / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "crt (w1=0.5)"]
-    assert report["classifier"] == {"method": "crt", "w1": 0.5}
+    assert {k: report["classifier"][k] for k in ("method", "w1")} == {"method": "crt", "w1": 0.5}
     status = run_ffn("status", "demo", *crt, cwd=work)
     assert "classifier crt/w1_0.50 complete" in status.stdout, status.stdout
     result = run_ffn("export", "demo", *crt, cwd=work)
@@ -291,3 +290,109 @@ def test_a_gated_classifier_exports_with_its_gate(tmp_path):
         )
     for runtime in ("onnx", "torch"):
         assert np.allclose(ExportedModel(tmp_path, runtime).logits(images), expected, atol=1e-4)
+
+
+def softmax(values: np.ndarray) -> np.ndarray:
+    shifted = np.exp(values - values.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def test_the_prior_rule_on_synthetic_logits(tmp_path):
+    """ExportedModel with a model whose logits are its input: --prior adds
+    log(prior / training prior) / scale to them, and the temperature never moves the argmax."""
+    (tmp_path / "prior.txt").write_text("1\n1\n8\n")
+    model = object.__new__(ExportedModel)
+    model.meta = {"train_counts": [80, 15, 5], "probability_scale": 10.0, "temperature": 2.0}
+    model._run = lambda batch: batch
+    model.adjustment = None
+    logits = np.array([[0.30, 0.20, 0.10], [0.10, 0.25, 0.22]], dtype=np.float32)
+    assert model.logits(logits).argmax(1).tolist() == [0, 1]
+    probabilities = model.probabilities(model.logits(logits))
+    assert probabilities == pytest.approx(softmax(10.0 * logits.astype(np.float64) / 2.0))
+    assert probabilities.argmax(1).tolist() == [0, 1]  # T calibrates, never reorders
+    from ffn_dist.priors import read_prior
+
+    model.adjustment = np.log(read_prior(str(tmp_path / "prior.txt"), 3)) - np.log(
+        np.array([0.8, 0.15, 0.05])
+    )
+    # in the softmax's units, 10 * logits + log(pi_test / pi_train), the ratios being 0.125, 0.667 and 16
+    expected = 10.0 * logits + model.adjustment
+    assert model.logits(logits) * 10.0 == pytest.approx(expected, abs=1e-5)
+    assert model.logits(logits).argmax(1).tolist() == [2, 2]  # the prior favours class 2 enough for both
+
+
+def test_temperature_from_val_and_the_prior_end_to_end(exported, tmp_path):
+    """With a val split: the temperature is fitted on it (val NLL no worse than at T = 1), kept
+    in model.json and applied by `ffn predict` to probabilities only; `--prior` in `ffn predict`
+    and `ffn evaluate` moves the predictions by the rule, which the figures are checked against."""
+    work = Path(shutil.copytree(exported, tmp_path / "work", symlinks=True))
+    data = work / "data" / "demo"
+    taken, val = {}, []
+    for line in (data / "train.txt").read_text().splitlines():  # 4 training images a class
+        label = line.split()[1]
+        if taken.setdefault(label, 0) < 4:
+            taken[label] += 1
+            val.append(line)
+    (data / "val.txt").write_text("\n".join(val) + "\n")
+    with_val = [*RUN, "data.val_split=val.txt"]
+    for command in ("run", "export"):
+        result = run_ffn(command, "demo", *with_val, cwd=work)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((work / "runs" / "demo" / "report" / "report.json").read_text())
+    temperature = report["classifier"]["temperature"]
+    assert temperature["fitted"] == "on val (minimum NLL)" and temperature["value"] > 0
+    with contextlib.chdir(work):
+        cfg = load_config(work / "runs" / "demo" / "config.yaml")
+        result_json = json.loads((classifier_dir(cfg) / "result.json").read_text())
+    val_report = result_json["val"]
+    assert val_report["calibrated"]["nll"] <= val_report["calibration"]["nll"] + 1e-9  # T = 1 was a candidate
+    ffn = report["methods"]["FFN (w1=0.5)"]
+    assert ffn["calibrated"]["temperature"] == temperature["value"]
+    meta = json.loads((work / "runs" / "demo" / "export" / "model.json").read_text())
+    assert meta["temperature"] == temperature["value"] and meta["temperature_fitted"] == temperature["fitted"]
+
+    lines = (data / "test.txt").read_text().splitlines()
+    image = str(data / lines[0].split()[0])
+    shown = json.loads(predict(work, image, "--top-k", "10", "--json").stdout)[0]["top"]
+    logits = export_logits(work, "onnx")[0].astype(np.float64)
+    expected = softmax(meta["probability_scale"] * logits[None] / meta["temperature"])[0]
+    assert [int(t["class"]) for t in shown] == np.argsort(
+        -logits, kind="stable"
+    ).tolist()  # the order is T's-free
+    assert [t["probability"] for t in shown] == pytest.approx(np.sort(expected)[::-1].tolist(), abs=1e-6)
+
+    counts = np.array(meta["train_counts"], dtype=np.float64)
+    prior = np.ones(10)
+    prior[7] = 50.0  # a test set where class 7 is 50 times as frequent as each other
+    (work / "prior.txt").write_text("".join(f"{p:g}\n" for p in prior))
+    split = ["--split", data / "test.txt", "--root", data]
+    shifted = predict(work, *split, "--prior", work / "prior.txt", "--json")
+    assert shifted.returncode == 0, shifted.stderr[-3000:]
+    labels = np.array([int(line.split()[1]) for line in lines])
+    rule = (
+        export_logits(work, "onnx") * meta["probability_scale"]
+        + np.log(prior / prior.sum())
+        - np.log(counts / counts.sum())
+    )
+    assert json.loads(shifted.stdout)["top1"] == pytest.approx(100 * np.mean(rule.argmax(1) == labels))
+
+    evaluated = run_ffn("evaluate", "demo", *with_val, "--prior", work / "prior.txt", cwd=work)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    shift = json.loads((work / "runs" / "demo" / "report" / "report.json").read_text())["prior_shift"]
+    ours = report_logits(work, *with_val) * meta["probability_scale"]
+    weight = prior / prior.sum()
+
+    def exact(predicted):  # sum_c pi_c acc_c
+        return sum(weight[c] * 100 * np.mean(predicted[labels == c] == c) for c in range(10))
+
+    adjusted = ours + np.log(weight) - np.log(counts / counts.sum())
+    assert shift["top1"]["without"] == pytest.approx(exact(ours.argmax(1)))
+    assert shift["top1"]["with"] == pytest.approx(exact(adjusted.argmax(1)))
+    assert f"on a test set of prior {work / 'prior.txt'} (top-1 %, exact): " in evaluated.stdout
+
+    bad = work / "bad_prior.txt"
+    bad.write_text("1\n2\n")
+    refused = predict(work, image, "--prior", bad)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {bad}: 2 frequencies for a model of 10 classes (one line per class)"
+    )

@@ -17,7 +17,7 @@ from ffn_dist.config import load_config, with_settings
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.drivers import compare_methods, parse_methods, run_methods, sources
 from ffn_dist.errors import FFNError
-from ffn_dist.metrics import accuracy_report, top_k
+from ffn_dist.metrics import logits_report
 from ffn_dist.models.heads import LinearForm
 from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
@@ -100,12 +100,28 @@ def synthetic_run(directory, demo_root, *extra, **cache):
     return cfg, open_cache(cache_dir(cfg))
 
 
-def by_hand(logits_of, cache, w1=0.5, split="test"):
+def by_hand(logits_of, cache, w1=0.5, split="test", temperature=None):
     rows = cache.splits[split].rows_of_view(0)
     features = cache.splits[split].fused(rows, w1, 1 - w1)
-    return accuracy_report(
-        cache.splits[split].labels[rows], top_k(logits_of(features)).numpy(), np.array(COUNTS)
+    return logits_report(
+        logits_of(features), cache.splits[split].labels[rows], np.array(COUNTS), 1.0, temperature
     )
+
+
+def same_report(got: dict, expected: dict) -> bool:
+    """Equal accuracies; calibration equal to float rounding (logits computed in other chunks)."""
+    soft = ("calibration", "calibrated")
+    assert {k: v for k, v in got.items() if k not in soft} == {
+        k: v for k, v in expected.items() if k not in soft
+    }
+    for key in soft:
+        assert (key in got) == (key in expected)
+        if key in got:
+            assert {k: got[key][k] for k in ("ece", "nll")} == pytest.approx(
+                {k: expected[key][k] for k in ("ece", "nll")}
+            )
+            assert got[key]["reliability"]["count"] == expected[key]["reliability"]["count"]
+    return True
 
 
 @pytest.fixture
@@ -171,7 +187,9 @@ def test_erm_and_balanced_softmax_are_their_losses_on_the_stage2_recipe(fitted):
     form = fit_balanced_softmax(f)
     assert close(form.weight, w) and close(form.bias, b)
     scored = evaluate_cached(form, cache.splits["test"], 0.5, COUNTS, f.device)
-    assert scored == by_hand(lambda z: z @ form.weight.t() + form.bias, cache)  # plain logits, no log n_y
+    assert same_report(
+        scored, by_hand(lambda z: z @ form.weight.t() + form.bias, cache)
+    )  # plain logits, no log n_y
 
 
 def test_weight_balancing_is_the_class_balanced_loss_with_weight_decay_and_maxnorm(fitted):
@@ -288,15 +306,20 @@ def test_tau_norm_and_logit_adjustment_are_their_closed_forms_chosen_on_val(tmp_
 
     tau = tau_norm["chosen"]["tau"]
     assert tau in cfg.stage2.tau_norm.tau and tau_norm["chosen"]["selected_on"] == "val"
-    assert tau_norm["test"] == by_hand(lambda z: z @ normed(tau).t(), cache)
+    fitted_t = tau_norm["temperature"]["value"]
+    assert same_report(tau_norm["test"], by_hand(lambda z: z @ normed(tau).t(), cache, temperature=fitted_t))
     on_val = {c["tau"]: by_hand(lambda z, t=c["tau"]: z @ normed(t).t(), cache, split="val")["top1"]
               for c in candidates(tau_cfg, "val")}  # fmt: skip
     assert tau == min(t for t, score in on_val.items() if score == max(on_val.values()))  # first best
     adjusted = fit_classifier(with_settings(cfg, {"stage2.method": "logit_adjustment"}), cache, freeze=False)
     tau = adjusted["chosen"]["tau"]
     log_prior = torch.log(torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)).float()
-    assert adjusted["test"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache)
-    assert adjusted["val"] == by_hand(lambda z: z @ weight.t() + bias - tau * log_prior, cache, split="val")
+    fitted_t = adjusted["temperature"]["value"]
+    for split in ("test", "val"):
+        expected = by_hand(
+            lambda z: z @ weight.t() + bias - tau * log_prior, cache, split=split, temperature=fitted_t
+        )
+        assert same_report(adjusted[split], expected)
 
 
 def test_lws_learns_only_per_class_scales(fitted):
@@ -331,7 +354,7 @@ def test_ncm_is_cosine_to_the_class_means(fitted):
     features, labels = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows])
     means = torch.stack([F.normalize(features[labels == c], dim=1).mean(0) for c in range(len(COUNTS))])
     expected = by_hand(lambda z: F.normalize(z, dim=1) @ F.normalize(means, dim=1).t(), cache)
-    assert evaluate_cached(fit_ncm(f), cache.splits["test"], 0.5, COUNTS, f.device) == expected
+    assert same_report(evaluate_cached(fit_ncm(f), cache.splits["test"], 0.5, COUNTS, f.device), expected)
 
 
 def test_choices_are_blind_to_the_test_labels(tmp_path, demo_root):

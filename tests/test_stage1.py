@@ -117,6 +117,8 @@ def test_groups_are_data_parallel_only_inside_themselves(tiny_root, tmp_path, np
     assert ce[0]["trunk"] != kps[0]["trunk"]  # the groups train apart
     # every group evaluated the whole test split once, padding dropped
     assert report(out, "ce")["test"]["samples"] == report(out, "kps")["test"]["samples"] == 61
+    for branch in ("ce", "kps"):  # each image's confidence gathered with it, once
+        assert sum(report(out, branch)["test"]["calibration"]["reliability"]["count"]) == 61
 
 
 def test_killed_worker_restarts_and_resumes_under_max_restarts(tiny_root, tmp_path):

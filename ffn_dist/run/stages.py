@@ -94,6 +94,8 @@ class Stage:
     minutes: str = ""  # the launch.* setting that limits its SLURM job
     variant: Callable | None = None  # cfg -> which of the stage's records (None: it has one)
     files: tuple[str, ...] = ()  # settings naming a file it reads (by its contents), when set
+    # what its outputs hold, raised when a release adds to them: an older record is then stale
+    outputs_version: int = 1
 
     def settings_of(self, cfg: Config) -> tuple[str, ...]:
         return self.settings(cfg) if callable(self.settings) else self.settings
@@ -152,6 +154,7 @@ STAGES = (
         _classifier_settings,
         after=("stage1", "cache"),
         options=(("announce", False),),  # `ffn run` says why it skips or reruns it
+        outputs_version=2,  # 2: calibration and the temperature fitted on val in result.json
         minutes="classifier_minutes",
         variant=classifier_variant,
     ),
@@ -218,6 +221,8 @@ def stage_inputs(cfg: Config, name: str) -> dict:
         for key, value in settings.items()
         if _selected(key, stage.settings_of(cfg)) and not _selected(key, NOT_INPUTS)
     }
+    if stage.outputs_version > 1:  # version 1 adds nothing: identities recorded before stay valid
+        inputs["outputs version"] = stage.outputs_version
     for split in stage.splits:
         sha = split_digest(cfg, split)
         if sha is not None:

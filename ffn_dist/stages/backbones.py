@@ -47,7 +47,7 @@ from ffn_dist.distributed import (
 from ffn_dist.engines import wrap_for_training
 from ffn_dist.files import save_torch, write_json
 from ffn_dist.losses import CELoss, KPSLoss
-from ffn_dist.metrics import accuracy_report, gather_predictions, top_k
+from ffn_dist.metrics import accuracy_report, gather_predictions, prediction_scores, top_k
 from ffn_dist.models.backbones import build_backbone, load_pretrained
 from ffn_dist.models.heads import CosineHead, LinearHead
 from ffn_dist.models.precision import autocast, place_images, place_model
@@ -89,6 +89,12 @@ def build_loss(cfg: Config, branch: str, class_counts: np.ndarray) -> nn.Module:
     return KPSLoss(class_counts, max_m=cfg.stage1.kps_max_m, s=cfg.stage1.kps_s)
 
 
+def branch_probability_scale(cfg: Config, branch: str) -> float:
+    """The branch's probabilities are softmax(scale * head logits): the cosine head's logits
+    are cosines, which its loss scales by s."""
+    return 1.0 if branch == "ce" else cfg.stage1.kps_s
+
+
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
     """Linear warm-up over `warmup_epochs`, then the step factors from their milestones, or
     (`schedule: cosine`) half a cosine from 1 after the warm-up to 0 at the last epoch."""
@@ -111,20 +117,23 @@ def base_lr(cfg: Config, group_size: int) -> float:
 
 
 def evaluate(model: nn.Module, loader, branch: Branch, world: World, cfg: Config, counts) -> dict:
-    """Top-1/top-5/per-class/shot-group accuracy of the branch's own head on a split."""
+    """Top-1/top-5/per-class/shot-group accuracy and calibration of the branch's own head."""
     model.eval()
-    indices, labels, topk = [], [], []
+    indices, labels, topk, scores = [], [], [], []
+    scale = branch_probability_scale(cfg, branch.name)
     with torch.no_grad(), autocast(world.device, cfg.model.precision):
         for batch in loader:
-            logits = model(place_images(batch.images, world.device))
+            logits = model(place_images(batch.images, world.device)).float()
+            batch_labels = batch.labels.to(world.device)
             indices.append(batch.indices.to(world.device))
-            labels.append(batch.labels.to(world.device))
-            topk.append(top_k(logits.float()))
+            labels.append(batch_labels)
+            topk.append(top_k(logits))
+            scores.append(prediction_scores(scale * logits, batch_labels))
     model.train()
-    _, gathered_labels, gathered_topk = gather_predictions(
-        torch.cat(indices), torch.cat(labels), torch.cat(topk), branch.group, branch.size
+    gathered_labels, gathered_topk, gathered_scores = gather_predictions(
+        torch.cat(indices), torch.cat(labels), torch.cat(topk), torch.cat(scores), branch.group, branch.size
     )
-    return accuracy_report(gathered_labels, gathered_topk, counts)
+    return accuracy_report(gathered_labels, gathered_topk, counts, gathered_scores)
 
 
 class _Console:

@@ -20,13 +20,14 @@ from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config, with_settings
 from ffn_dist.errors import FFNError
 from ffn_dist.files import save_torch, write_json
+from ffn_dist.metrics import fit_temperature
 from ffn_dist.models.heads import LinearForm
 from ffn_dist.run.paths import classifier_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, recorded, stage_identity, stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
-from ffn_dist.stages.epochs import evaluate_cached, stage2_seed
-from ffn_dist.stages.methods import REGISTRY, Fitting, grid_of
+from ffn_dist.stages.epochs import cached_logits, evaluate_cached, stage2_seed
+from ffn_dist.stages.methods import REGISTRY, Fitting, grid_of, probability_scale
 
 RESULT, FORM = "result.json", "classifier.pt"
 
@@ -104,8 +105,9 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     for chosen in tries:
         form = method.fit(fitting, **chosen).to(fitting.device)
         val = _score(form, cache, "val", fitting) if select_on else None
-        scored.append((val["top1"] if val else 0.0, chosen, form, val))
-    _, chosen, form, val = max(scored, key=lambda item: item[0])  # the first of the best, on a tie
+        scored.append((val["top1"] if val else 0.0, chosen, form))
+    _, chosen, form = max(scored, key=lambda item: item[0])  # the first of the best, on a tie
+    temperature = _temperature(form, cache, fitting, probability_scale(cfg))
     result = {
         "method": s2.method,
         "w1": fitting.loop.w1,
@@ -114,8 +116,9 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
         "epochs": s2.epochs,
         "chosen": {**chosen, "selected_on": select_on or "published defaults"},
         "train_counts": fitting.counts.tolist(),
-        "test": _score(form, cache, "test", fitting),
-        "val": val if val is not None else _score(form, cache, "val", fitting),
+        "temperature": temperature,
+        "test": _score(form, cache, "test", fitting, temperature["value"]),
+        "val": _score(form, cache, "val", fitting, temperature["value"]),
     }
     shown = ", ".join(f"{k} {v:g}" for k, v in chosen.items())
     print(
@@ -126,10 +129,24 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     return result, form.cpu()
 
 
-def _score(form: LinearForm, cache: FeatureCache, split: str, fitting: Fitting) -> dict | None:
+def _score(
+    form: LinearForm, cache: FeatureCache, split: str, fitting: Fitting, temperature: float | None = None
+) -> dict | None:
     if split not in cache.splits:
         return None
-    return evaluate_cached(form, cache.splits[split], fitting.loop.w1, fitting.counts, fitting.device)
+    scale = probability_scale(fitting.cfg)
+    return evaluate_cached(
+        form, cache.splits[split], fitting.loop.w1, fitting.counts, fitting.device, scale, temperature
+    )
+
+
+def _temperature(form: LinearForm, cache: FeatureCache, fitting: Fitting, scale: float) -> dict:
+    """Temperature scaling: the one scalar dividing the classifier's logits that minimises its
+    NLL on val; without a val split, not fitted, and why."""
+    if "val" not in cache.splits:
+        return {"value": None, "fitted": "not fitted: the run has no val split (data.val_split is null)"}
+    logits, labels = cached_logits(form, cache.splits["val"], fitting.loop.w1, fitting.device)
+    return {"value": fit_temperature(scale * logits, labels), "fitted": "on val (minimum NLL)"}
 
 
 def read_result(cfg: Config) -> dict:

@@ -29,7 +29,7 @@ from ffn_dist.config import Config
 from ffn_dist.data.loader import to_device
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
-from ffn_dist.metrics import accuracy_report, top_k
+from ffn_dist.metrics import logits_report
 from ffn_dist.models.heads import CosineHead, cosine_weight_gradient, fusion_pair
 from ffn_dist.run.stages import StageFailed
 
@@ -151,14 +151,22 @@ class CosineStep:
         return loss.detach()
 
 
-def evaluate_cached(
-    logits_of, split: CachedSplit, w1: float, train_counts, device, chunk: int = 8192
-) -> dict:
-    """Accuracy of a classifier (fused features at w1 -> logits) on view 0 of a cached split."""
+def cached_logits(logits_of, split: CachedSplit, w1: float, device, chunk: int = 8192):
+    """A classifier's logits (fused features at w1 -> logits) on view 0 of a cached split, on
+    the CPU in fp32, and the split's labels."""
     rows = split.rows_of_view(0)
-    predictions = []
+    logits = []
     with torch.no_grad():
         for begin in range(0, len(rows), chunk):
             features = split.fused(rows[begin : begin + chunk], *fusion_pair(w1)).to(device)
-            predictions.append(top_k(logits_of(features)).cpu())
-    return accuracy_report(split.labels[rows], torch.cat(predictions).numpy(), np.asarray(train_counts))
+            logits.append(logits_of(features).float().cpu())
+    return torch.cat(logits), torch.as_tensor(split.labels[rows])
+
+
+def evaluate_cached(
+    logits_of, split: CachedSplit, w1: float, train_counts, device, scale: float = 1.0, temperature=None
+) -> dict:
+    """The report of a classifier on view 0 of a cached split; its probabilities are
+    softmax(scale * logits), calibrated by `temperature` where one is given."""
+    logits, labels = cached_logits(logits_of, split, w1, device)
+    return logits_report(logits, labels, np.asarray(train_counts), scale, temperature)

@@ -33,7 +33,7 @@ from ffn_dist.run.stages import stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import load_frozen
 from ffn_dist.stages.classifier import load_form, read_result
-from ffn_dist.stages.methods import REGISTRY
+from ffn_dist.stages.methods import probability_scale
 
 FORMAT = 1
 
@@ -116,8 +116,12 @@ def export_run(cfg: Config) -> Path:
         "train_counts": counts.tolist(),
         "shot_groups": {name: np.flatnonzero(mask).tolist() for name, mask in groups.items()},
         "method": s2.method,
-        # probabilities = softmax(scale * logits): cosine logits were trained at LDAM's s
-        "probability_scale": s2.ldam_s if REGISTRY[s2.method].cosine else 1.0,
+        # probabilities = softmax((scale * logits + log(prior / train prior)) / temperature):
+        # the temperature was fitted on val (null: not fitted, and why), the prior is
+        # `ffn predict --prior`'s (none: the training prior, no adjustment)
+        "probability_scale": probability_scale(cfg),
+        "temperature": result["temperature"]["value"],
+        "temperature_fitted": result["temperature"]["fitted"],
         "w1": model.w1,
         "w2": model.w2,
         "config": config_id(cfg),

@@ -275,6 +275,12 @@ REGISTRY = {
 METHODS = tuple(REGISTRY)
 
 
+def probability_scale(cfg: Config) -> float:
+    """The configured classifier's probabilities are softmax(scale * logits): cosine logits
+    were trained at LDAM's s, the others' logits are their softmax's own."""
+    return cfg.stage2.ldam_s if REGISTRY[cfg.stage2.method].cosine else 1.0
+
+
 def grid_of(cfg: Config, method: str) -> dict[str, list]:
     """The method's hyperparameter grids: the lists of its `stage2.METHOD` section."""
     section = getattr(cfg.stage2, method, None)
