@@ -131,8 +131,9 @@ def accuracy_report(labels: np.ndarray, topk: np.ndarray, train_counts: np.ndarr
         report[name] = float(100.0 * correct1[in_group].mean()) if in_group.any() else None
     report["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
     report["shifted_prior"] = shifted_accuracies(report["per_class"], train_counts)
-    if scores is not None:
-        report["calibration"] = calibration(scores[:, 0], correct1, scores[:, 1])
+    if scores is not None:  # non-finite logits have no probabilities to calibrate: None
+        finite = bool(np.isfinite(scores).all())
+        report["calibration"] = calibration(scores[:, 0], correct1, scores[:, 1]) if finite else None
     return report
 
 

@@ -143,3 +143,11 @@ def test_the_prior_rule_and_prior_files(tmp_path):
         with pytest.raises(PriorError) as refused:
             read_prior(str(good), 3)
         assert said in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_non_finite_scores_have_no_calibration():
+    scores = np.array([[0.5, -0.7], [np.nan, np.nan]])
+    assert (
+        accuracy_report(np.array([0, 1]), np.array([[0], [0]]), np.array([5, 1]), scores)["calibration"]
+        is None
+    )
