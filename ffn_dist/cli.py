@@ -107,9 +107,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ffn_dist.predict import score_test_lists
     from ffn_dist.stages.evaluate import evaluate_run
 
-    evaluate_run(_config(args), tsne=args.tsne, prior=args.prior)
+    cfg = _config(args)
+    lists = score_test_lists(cfg, args.test_split) if args.test_split else None
+    evaluate_run(cfg, tsne=args.tsne, prior=args.prior, test_lists=lists)
     return 0
 
 
@@ -437,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
     evaluate.add_argument("--prior", default=None, help=PRIOR_HELP + "; measured against no adjustment")
+    evaluate.add_argument(
+        "--test-split",
+        action="append",
+        metavar="FILE",
+        help="also score this split file (a published shifted test list; paths under data.root) "
+        "with the configured classifier's export; repeatable",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     submit = sub.add_parser("submit", help="the pipeline as 3 chained SLURM jobs (submitit)")

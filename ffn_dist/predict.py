@@ -161,3 +161,18 @@ def score_split(model: ExportedModel, split_path: str, root: str, batch_size: in
     counts = np.asarray(model.meta["train_counts"])
     report = accuracy_report(split.labels, np.concatenate(top5), counts, np.concatenate(scores))
     return {**report, "seconds": round(seconds, 2), "images_per_s": round(len(split) / seconds, 1)}
+
+
+def score_test_lists(cfg, files: list[str]) -> dict[str, dict]:
+    """`ffn evaluate --test-split FILE`: each split file (SADE's published shifted test lists,
+    say; paths under `data.root`) scored by the run's export of its configured classifier, as
+    `ffn predict --split` scores it. The export is written first where it is missing or is not
+    of this config's current classifier."""
+    from ffn_dist.run.paths import export_dir
+    from ffn_dist.stages.export import export_is_current, export_run
+
+    if not export_is_current(cfg):
+        export_run(cfg)
+    model = ExportedModel(export_dir(cfg))
+    threads = max(1, cfg.data.num_threads)
+    return {str(f): score_split(model, f, cfg.data.root, cfg.data.batch_size, threads) for f in files}

@@ -307,6 +307,39 @@ def within_near_ties(figure: float, scores: np.ndarray, labels: np.ndarray, weig
     assert np.sum(weight[correct & ~near]) - 1e-9 <= figure <= np.sum(weight[correct | near]) + 1e-9
 
 
+def test_evaluate_scores_a_published_test_list_with_the_current_export(exported, tmp_path):
+    """`ffn evaluate --test-split FILE` (a list like SADE's: a subsample of the test set under
+    another prior) scores its images with the export, which is current and so not written again:
+    the share of them the report's logits classify right, up to near-ties. A list with a bad
+    label is refused naming the file and the line, and the report is left as it was."""
+    work = Path(shutil.copytree(exported, tmp_path / "work", symlinks=True))
+    data = work / "data" / "demo"
+    lines = (data / "test.txt").read_text().splitlines()
+    labels = np.array([int(line.split()[1]) for line in lines])
+    keep = np.flatnonzero((labels < 3) | (np.arange(len(labels)) % 4 == 0))  # classes 0-2 over-sampled
+    listed = work / "forward_list.txt"
+    listed.write_text("".join(lines[i] + "\n" for i in keep))
+    onnx = work / "runs" / "demo" / "export" / "model.onnx"
+    written = onnx.stat().st_mtime_ns
+    result = run_ffn("evaluate", "demo", *RUN, "--test-split", listed, cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert onnx.stat().st_mtime_ns == written
+    report_json = work / "runs" / "demo" / "report" / "report.json"
+    scored = json.loads(report_json.read_text())["test_lists"][str(listed)]
+    assert scored["samples"] == len(keep) and sum(scored["calibration"]["reliability"]["count"]) == len(keep)
+    scale = json.loads((onnx.parent / "model.json").read_text())["probability_scale"]
+    ours = report_logits(work).astype(np.float64)[keep] * scale
+    within_near_ties(scored["top1"], ours, labels[keep], np.full(len(keep), 100.0 / len(keep)))
+    assert "FFN (w1=0.5) (its export) on the --test-split files:" in result.stdout
+    assert f"| {listed} | {scored['top1']:.2f} |" in result.stdout
+
+    before = report_json.read_bytes()
+    listed.write_text(f"{lines[0]}\n{lines[1].split()[0]} 12\n")
+    refused = run_ffn("evaluate", "demo", *RUN, "--test-split", listed, cwd=work)
+    assert refused.returncode == 2 and f"{listed}:2" in refused.stderr and "Traceback" not in refused.stderr
+    assert report_json.read_bytes() == before
+
+
 def test_the_prior_rule_on_synthetic_logits(tmp_path):
     """ExportedModel with a model whose logits are its input: --prior adds
     log(prior / training prior) / scale to them, and the temperature never moves the argmax."""

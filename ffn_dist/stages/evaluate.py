@@ -7,7 +7,8 @@ default). After `ffn train-classifier --methods`, the method chosen on the val s
 them. Each row has its accuracies, its accuracy under shifted test priors (priors.py) and
 its calibration (ECE, NLL; the stage-2 classifiers' also after the temperature fitted on
 val). With `--prior FILE`, the configured classifier is also scored under that prior with
-and without the logit adjustment `ffn predict --prior` makes. Outputs go to
+and without the logit adjustment `ffn predict --prior` makes; with `--test-split FILE`, the
+file's images are scored by the classifier's export (predict.score_test_lists). Outputs go to
 `output_dir/report/`: report.json, report.md, per_class.png (the paper's Fig. 6),
 reliability.png and, with --tsne, tsne.png.
 """
@@ -197,20 +198,25 @@ def plot_tsne(cfg: Config, path: Path) -> None:
 
 
 @holds_run_dir
-def evaluate_run(cfg: Config, tsne: bool = False, prior: str | None = None) -> dict:
+def evaluate_run(
+    cfg: Config, tsne: bool = False, prior: str | None = None, test_lists: dict[str, dict] | None = None
+) -> dict:
+    """The report; `test_lists` are the scores of `--test-split` files (predict.score_test_lists)."""
     with recorded(cfg, "evaluate"):
         begin_stage(cfg, "evaluate")
-        results = _evaluate(cfg, tsne, prior)
+        results = _evaluate(cfg, tsne, prior, test_lists)
         finish_stage(cfg, "evaluate", [report_dir(cfg) / "report.json"])
     return results
 
 
-def _evaluate(cfg: Config, tsne: bool, prior: str | None) -> dict:
+def _evaluate(cfg: Config, tsne: bool, prior: str | None, test_lists: dict[str, dict] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     results = collect_results(cfg)
     if prior is not None:
         results["prior_shift"] = prior_shift(cfg, prior, np.asarray(results["train_counts"]))
+    if test_lists:
+        results["test_lists"] = test_lists
     out = report_dir(cfg)
     tables = (
         f"test accuracy (%), {cfg.name}:\n{accuracy_table(results['methods'])}\n\n"
@@ -226,6 +232,11 @@ def _evaluate(cfg: Config, tsne: bool, prior: str | None) -> dict:
         tables += (
             f"\n\n{shift['classifier']} on a test set of prior {prior} (top-1 %, exact): "
             f"{shift['top1']['without']:.2f} as trained, {shift['top1']['with']:.2f} with --prior"
+        )
+    if test_lists:
+        tables += (
+            f"\n\n{classifier_name(cfg)} (its export) on the --test-split files:\n"
+            f"{accuracy_table(test_lists)}"
         )
     write_json(out / "report.json", results)
     write_text(

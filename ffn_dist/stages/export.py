@@ -15,6 +15,7 @@ Another classifier of the run is exported by naming it: `ffn export CONFIG stage
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ from ffn_dist.stages.classifier import load_form, read_result
 from ffn_dist.stages.methods import probability_scale
 
 FORMAT = 1
+# the test figures model.json repeats from the classifier's record (which one it is)
+REPORTED = ("top1", "top5", "many", "medium", "few", "samples")
 
 
 class ExportRefused(FFNError):
@@ -78,6 +81,17 @@ def save_model(model: torch.nn.Module, out: Path, image_size: int) -> None:
 
 
 @holds_run_dir
+def export_is_current(cfg: Config) -> bool:
+    """Whether `output_dir/export/` holds this config's classifier as its record now stands."""
+    described = export_dir(cfg) / "model.json"
+    if not described.is_file() or stage_state(cfg, "classifier")[0] != "complete":
+        return False
+    meta, reported = json.loads(described.read_text()), read_result(cfg)["test"]
+    return meta.get("config") == config_id(cfg) and meta.get("reported_test") == {
+        k: reported.get(k) for k in REPORTED
+    }
+
+
 def export_run(cfg: Config) -> Path:
     """Write `output_dir/export/` for the configured classifier; returns its path."""
     for name in ("stage1", "classifier"):
@@ -125,7 +139,7 @@ def export_run(cfg: Config) -> Path:
         "w1": model.w1,
         "w2": model.w2,
         "config": config_id(cfg),
-        "reported_test": {k: reported.get(k) for k in ("top1", "top5", "many", "medium", "few", "samples")},
+        "reported_test": {k: reported.get(k) for k in REPORTED},
         "files": {"onnx": "model.onnx", "torch": "model.pt2"},
     }
     write_json(out / "model.json", description)
