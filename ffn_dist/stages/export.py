@@ -37,8 +37,6 @@ from ffn_dist.stages.classifier import load_form, read_result
 from ffn_dist.stages.methods import probability_scale
 
 FORMAT = 1
-# the test figures model.json repeats from the classifier's record (which one it is)
-REPORTED = ("top1", "top5", "many", "medium", "few", "samples")
 
 
 class ExportRefused(FFNError):
@@ -80,18 +78,21 @@ def save_model(model: torch.nn.Module, out: Path, image_size: int) -> None:
             )  # fmt: skip
 
 
-@holds_run_dir
+def reported_test(result: dict) -> dict:
+    """The test figures model.json repeats from the classifier's result (which one it is)."""
+    return {k: result["test"].get(k) for k in ("top1", "top5", "many", "medium", "few", "samples")}
+
+
 def export_is_current(cfg: Config) -> bool:
     """Whether `output_dir/export/` holds this config's classifier as its record now stands."""
     described = export_dir(cfg) / "model.json"
     if not described.is_file() or stage_state(cfg, "classifier")[0] != "complete":
         return False
-    meta, reported = json.loads(described.read_text()), read_result(cfg)["test"]
-    return meta.get("config") == config_id(cfg) and meta.get("reported_test") == {
-        k: reported.get(k) for k in REPORTED
-    }
+    meta, result = json.loads(described.read_text()), read_result(cfg)
+    return meta.get("config") == config_id(cfg) and meta.get("reported_test") == reported_test(result)
 
 
+@holds_run_dir
 def export_run(cfg: Config) -> Path:
     """Write `output_dir/export/` for the configured classifier; returns its path."""
     for name in ("stage1", "classifier"):
@@ -113,7 +114,6 @@ def export_run(cfg: Config) -> Path:
     save_model(model, out, size)
     counts = np.asarray(result["train_counts"])
     groups = shot_groups(counts)
-    reported = result["test"]
     description = {
         "format": FORMAT,
         "classes": class_names(cfg),
@@ -139,12 +139,12 @@ def export_run(cfg: Config) -> Path:
         "w1": model.w1,
         "w2": model.w2,
         "config": config_id(cfg),
-        "reported_test": {k: reported.get(k) for k in REPORTED},
+        "reported_test": reported_test(result),
         "files": {"onnx": "model.onnx", "torch": "model.pt2"},
     }
     write_json(out / "model.json", description)
     sizes = ", ".join(
         f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in (out / "model.onnx", out / "model.pt2")
     )
-    print(f"export: {out} ({sizes}); reported test top-1 {reported['top1']:.2f}", flush=True)
+    print(f"export: {out} ({sizes}); reported test top-1 {result['test']['top1']:.2f}", flush=True)
     return out
