@@ -62,7 +62,11 @@ class DataConfig:
     color_jitter: float = opt(0.0, ge=0.0, le=1.0, doc="brightness/contrast/saturation jitter")
     mean: list[float] = opt([0.4914, 0.4822, 0.4465], doc="per-channel mean, 0..1 scale")
     std: list[float] = opt([0.2470, 0.2435, 0.2616], doc="per-channel std, 0..1 scale")
-    batch_size: int = opt(64, ge=1, doc="per process")
+    batch_size: int = opt(
+        64,
+        ge=1,
+        doc="the recipe's batch: images per stage-1 optimizer step of each branch, split over its processes",
+    )
     num_threads: int = opt(2, ge=1, doc="decoding threads (DALI) or workers (torch) per process")
     on_bad_image: str = opt(
         "error", choices=["error", "skip"], doc="skip: exclude unreadable images up front"
@@ -108,7 +112,7 @@ class ModelConfig:
 @dataclass
 class Stage1Config:
     epochs: int = opt(200, ge=1, doc="training epochs of both backbones")
-    lr: float = opt(0.1, gt=0.0, doc="per-process base learning rate")
+    lr: float = opt(0.1, gt=0.0, doc="the recipe's base learning rate, for the batch data.batch_size")
     momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
     weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
     warmup_epochs: int = opt(5, ge=0, doc="linear warm-up length")
@@ -125,8 +129,20 @@ class Stage1Config:
     kps_max_m: float = opt(0.2, ge=0.0, doc="KPS: the rarest class's margin")
     kps_s: float = opt(15.0, gt=0.0, doc="KPS: the logit scale s")
     kps_ga_epoch: int = opt(120, ge=0, doc="epoch from which KPS uses per-class scales")
-    scale_lr: bool = opt(
-        False, doc="lr x group size: the base lr is for one process's batch (linear scaling rule)"
+    lr_reference_batch: int | None = opt(
+        None,
+        ge=1,
+        doc="linear scaling rule: stage1.lr is for a batch of this size, scaled by data.batch_size / it "
+        "(null: stage1.lr as it is)",
+    )
+    accumulation: int | None = opt(
+        1,
+        ge=1,
+        doc="micro-batches per optimizer step in each process (gradient accumulation); "
+        "null: the fewest whose micro-batch is at most max_micro_batch",
+    )
+    max_micro_batch: int = opt(
+        256, ge=1, doc="accumulation null: the largest micro-batch a process runs (what fits in its memory)"
     )
     eval_every: int = opt(10, ge=1, doc="evaluate on the test split every N epochs (and at the end)")
     checkpoint_every: int = opt(10, ge=1, doc="checkpoint every N epochs (and at the end)")

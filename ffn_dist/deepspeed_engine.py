@@ -4,16 +4,21 @@
 is the branch's group and whose model-parallel group is the rank alone (None would make
 the gradient-norm all-reduce span the world). Weights and optimizer state stay fp32; on
 CUDA the forward runs under the same bf16 autocast as the DDP engine. ZeRO stages 1-2
-partition the optimizer state over the group: each rank then checkpoints its own shard.
+partition the optimizer state over the group; a checkpoint gathers it into whole tensors
+(DeepSpeed's tensor-fragment API, a collective of the group) in torch SGD's format, so that
+it is the same on any number of ranks, and loading cuts it into this group's partitions.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 from ffn_dist.distributed import Branch, World
 from ffn_dist.engines import Engine
+from ffn_dist.layout import BatchSplit
 
 
 class _BranchMPU:
@@ -52,48 +57,81 @@ def _own_groups(world: World) -> list:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg, model, optimizer, branch: Branch, world: World):
+    def __init__(self, cfg, model, optimizer, branch: Branch, world: World, split: BatchSplit):
         import deepspeed
 
         # Only used for inference all-reduce, and a 2-minute C++ build on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = {
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_accumulation_steps": 1,
+            "train_micro_batch_size_per_gpu": split.micro_batch,
+            "gradient_accumulation_steps": split.accumulation,
             "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; plain SGD has none
             "zero_optimization": {"stage": cfg.dist.zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+        # torch SGD's hyperparameters, before ZeRO replaces its parameters by flat partitions
+        self.param_groups = optimizer.state_dict()["param_groups"]
         groups = _own_groups(world)
         mpu = _BranchMPU(branch, groups[world.rank] if groups else branch.group)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, mpu=mpu, dist_init_required=False
         )
-        self.module, self.branch = model, branch
-        self.sharded_optimizer = cfg.dist.zero_stage > 0
-        if self.sharded_optimizer:
-            from deepspeed.runtime.fp16.loss_scaler import LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
+        self.module = model
+        self.partitioned = cfg.dist.zero_stage > 0
+        self.momentum = cfg.stage1.momentum > 0  # SGD keeps a momentum buffer only then
 
-            # Plain-data classes a ZeRO optimizer state holds; nothing else may be unpickled.
-            self.safe_classes = (ZeroStageEnum, fragment_address, LossScaler)
+    def micro_batch(self, last: bool):
+        return nullcontext()  # DeepSpeed reduces at its accumulation boundary itself
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images)
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        self.engine.step()
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
+        self.engine.step()  # an optimizer step at the accumulation boundary only
+
+    def _has_momentum(self) -> bool:
+        """Whether ZeRO's base optimizer holds momentum yet: torch SGD creates it at its first step."""
+        return self.momentum and any(
+            "momentum_buffer" in state for state in self.optimizer.optimizer.state.values()
+        )
+
+    def state(self) -> dict:
+        if not self.partitioned:
+            return super().state()
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        whole = {}
+        if self._has_momentum():
+            for index, param in enumerate(self.module.parameters()):
+                whole[index] = {"momentum_buffer": safe_get_full_optimizer_state(param, "momentum_buffer")}
+        optimizer = {"state": whole, "param_groups": self.param_groups}
+        return {"model": self.module.state_dict(), "optimizer": optimizer}
+
+    def _create_momentum(self) -> None:
+        """Give ZeRO's base optimizer the (zero) momentum buffers its first step would create,
+        linked to the parameters' fragments as that step links them, so they can be set."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        zero = self.optimizer
+        for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True):
+            zero.optimizer.state[flat]["momentum_buffer"] = torch.zeros_like(flat)
+            lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
+        zero._hp_optimizer_states_linked = True
 
     def load_state(self, state: dict) -> None:
-        if not self.sharded_optimizer:
+        if not self.partitioned:
             return super().load_state(state)
-        # A ZeRO optimizer loads from the list of every rank's state and reads its own entry;
-        # the model goes first, since it refreshes its fp32 partition from the weights.
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         self.module.load_state_dict(state["model"])
-        shards = [None] * self.branch.size
-        shards[self.branch.rank] = state["optimizer"]
-        self.optimizer.load_state_dict(shards)
+        saved = state["optimizer"]["state"]
+        if saved and not self._has_momentum():
+            self._create_momentum()
+        for index, param in enumerate(self.module.parameters()):
+            safe_set_full_fp32_param(param, param.detach().float())  # ZeRO's fp32 partition
+            if index in saved:
+                momentum = saved[index]["momentum_buffer"].to(param.device)
+                safe_set_full_optimizer_state(param, momentum, "momentum_buffer")

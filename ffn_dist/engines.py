@@ -1,18 +1,23 @@
 """Data-parallel engines for one branch's process group: DDP or DeepSpeed, one interface.
 
 Both average gradients only inside the branch's group. The trainer sees forward,
-backward_step, set_lr, state / load_state and the unwrapped `module`.
+backward (one micro-batch's loss; the optimizer steps after the last of a step's
+`accumulation` micro-batches), set_lr, state / load_state and the unwrapped `module`. A
+state is the same on any number of ranks and under either engine: the module's weights and
+a torch SGD optimizer state of whole tensors, so a run resumes on another process count.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ffn_dist.distributed import Branch, World
+from ffn_dist.layout import BatchSplit
 
 
 class Engine:
@@ -20,8 +25,6 @@ class Engine:
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    sharded_optimizer = False  # True when each rank holds only its part of the optimizer state
-    safe_classes: tuple = ()  # classes, besides tensors and containers, its state may hold
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -45,8 +48,8 @@ def no_buffer_sync(ddp_class) -> dict:
 
 
 class DDPEngine(Engine):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, branch: Branch, world: World):
-        self.module, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer, branch: Branch, world: World, accumulation: int):
+        self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.model = model
         if branch.size > 1:  # a group of one would only copy gradients into buckets and back
             device_ids = [world.device.index] if world.device.type == "cuda" else None
@@ -59,18 +62,25 @@ class DDPEngine(Engine):
                 **no_buffer_sync(DistributedDataParallel),
             )
 
+    def micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward: gradients are all-reduced
+        after the step's last one only."""
+        return nullcontext() if last or self.model is self.module else self.model.no_sync()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (loss / self.accumulation).backward()
+        if last:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
 
-def wrap_for_training(cfg, model, optimizer, branch: Branch, world: World):
+def wrap_for_training(cfg, model, optimizer, branch: Branch, world: World, split: BatchSplit):
+    """The configured engine for a branch whose steps are `split` (its micro-batches)."""
     if cfg.dist.engine == "deepspeed":
         from ffn_dist.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, model, optimizer, branch, world)
-    return DDPEngine(model, optimizer, branch, world)
+        return DeepSpeedEngine(cfg, model, optimizer, branch, world, split)
+    return DDPEngine(model, optimizer, branch, world, split.accumulation)

@@ -9,6 +9,11 @@ GPUs share them. NCCL refuses a communicator with two ranks on one GPU, so a bra
 uses NCCL only when its ranks hold distinct GPUs, and gloo otherwise (it reduces CUDA tensors
 through host memory), and under DDP a group of one rank uses gloo too; world-level
 coordination (barriers, small objects) is always on gloo.
+
+The recipe is global: a branch's batch (`data.batch_size`) is the batch of one optimizer step
+of the whole group, split evenly over its ranks and, inside each rank, over
+`stage1.accumulation` micro-batches. A layout that cannot split it evenly is refused, naming
+the process counts that can, so the recipe never changes with the hardware.
 """
 
 from __future__ import annotations
@@ -65,6 +70,87 @@ def branch_ranks(world_size: int, kps_ranks: int | None) -> dict[str, tuple[int,
     return {"ce": tuple(range(world_size - kps)), "kps": tuple(range(world_size - kps, world_size))}
 
 
+@dataclass(frozen=True)
+class BatchSplit:
+    """One branch's global batch: `ranks` processes x `accumulation` micro-batches each."""
+
+    global_batch: int
+    ranks: int
+    accumulation: int
+
+    @property
+    def per_process(self) -> int:
+        return self.global_batch // self.ranks
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_process // self.accumulation
+
+    def __str__(self) -> str:
+        text = f"global batch {self.global_batch} = {self.ranks} x {self.per_process}"
+        if self.accumulation > 1:
+            text += f" ({self.accumulation} x {self.micro_batch} accumulated)"
+        return text
+
+
+def _accumulation(global_batch: int, ranks: int, accumulation: int | None, max_micro: int) -> int | None:
+    """Micro-batches per step that split the batch evenly (None: none does); `accumulation`
+    None picks the fewest whose micro-batch is at most `max_micro`."""
+    if global_batch % ranks:
+        return None
+    per_process = global_batch // ranks
+    if accumulation is not None:
+        return accumulation if per_process % accumulation == 0 else None
+    fits = (a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a <= max_micro)
+    return next(fits)
+
+
+def _splits(global_batch, world_size, kps_ranks, accumulation, max_micro) -> dict[str, BatchSplit] | None:
+    splits = {}
+    for name, ranks in branch_ranks(world_size, kps_ranks).items():
+        steps = _accumulation(global_batch, len(ranks), accumulation, max_micro)
+        if steps is None:
+            return None
+        splits[name] = BatchSplit(global_batch, len(ranks), steps)
+    return splits
+
+
+def _layouts_that_keep(global_batch, kps_ranks, accumulation, max_micro, shown: int = 10) -> list[int]:
+    """The first `shown` process counts (up to two per image of the batch) that keep the recipe."""
+    counts = []
+    for n in range(1, 2 * global_batch + 1):
+        try:
+            if _splits(global_batch, n, kps_ranks, accumulation, max_micro) is not None:
+                counts.append(n)
+        except FFNError:  # too few processes for an explicit dist.kps_ranks
+            continue
+        if len(counts) == shown:
+            break
+    return counts
+
+
+def split_batches(cfg, world_size: int) -> dict[str, BatchSplit]:
+    """Each branch's `BatchSplit` on `world_size` processes, from the config's recipe
+    (`data.batch_size`, `stage1.accumulation`, `stage1.max_micro_batch`, `dist.kps_ranks`);
+    refuses a layout that would change the recipe, naming the process counts that keep it."""
+    recipe = (cfg.data.batch_size, cfg.dist.kps_ranks, cfg.stage1.accumulation, cfg.stage1.max_micro_batch)
+    global_batch, kps_ranks, accumulation, max_micro = recipe
+    splits = _splits(global_batch, world_size, kps_ranks, accumulation, max_micro)
+    if splits is not None:
+        return splits
+    ranks = {name: len(r) for name, r in branch_ranks(world_size, kps_ranks).items()}
+    groups = " and ".join(f"{n} {name.upper()}" for name, n in ranks.items())
+    steps = f" x stage1.accumulation={accumulation} micro-batches" if (accumulation or 1) > 1 else ""
+    keep = _layouts_that_keep(*recipe)
+    listed = ", ".join(map(str, keep)) + (", ..." if len(keep) == 10 else "")
+    fixed = f" with dist.kps_ranks={kps_ranks}" if kps_ranks is not None else ""
+    raise FFNError(
+        f"data.batch_size: the recipe's global batch of {global_batch} a branch does not split evenly "
+        f"over {world_size} process(es) ({groups} rank(s){steps}), and a different batch would change the "
+        f"recipe; process counts (dist.nproc, or SLURM tasks) that keep it{fixed}: {listed}"
+    )
+
+
 def group_backend(members: list[Placement]) -> str:
     """NCCL when every member has its own GPU, gloo otherwise (CPU ranks or a shared GPU)."""
     if any(p.gpu is None for p in members):
@@ -103,12 +189,13 @@ def plan_groups(placements: list[Placement], kps_ranks: int | None, engine: str)
     return plans
 
 
-def describe_groups(plans: dict[str, GroupPlan]) -> str:
-    """'CE ranks 0-15 (16, nccl), KPS ranks 16-31 (16, nccl)', and where a group shares GPUs."""
+def describe_groups(plans: dict[str, GroupPlan], splits: dict[str, BatchSplit]) -> str:
+    """'CE ranks 0-15 (16, nccl; global batch 64 = 16 x 4), KPS ranks 16-31 (...)', and where
+    a group shares GPUs."""
     parts = []
     for name, plan in plans.items():
         ranks = plan.ranks
-        text = f"{name.upper()} ranks {ranks[0]}-{ranks[-1]} ({len(ranks)}, {plan.backend})"
+        text = f"{name.upper()} ranks {ranks[0]}-{ranks[-1]} ({len(ranks)}, {plan.backend}; {splits[name]})"
         shared = _sharing(ranks, plan.placements)
         parts.append(text + (f": {shared}" if shared else ""))
     return ", ".join(parts)

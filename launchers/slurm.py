@@ -33,7 +33,7 @@ from pathlib import Path
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
-from ffn_dist.layout import describe_groups, plan_groups, planned_placements
+from ffn_dist.layout import describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config
 from ffn_dist.run.paths import report_dir, run_dir, slurm_dir
 from ffn_dist.run.stages import STAGES, Stage, run_stage, start_run
@@ -123,11 +123,12 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.launch.gpus_per_node or cfg.dist.nproc
 
 
-def stage1_groups(cfg: Config) -> dict:
-    """Stage 1's process groups in this allocation; refuses a layout that cannot work."""
+def stage1_groups(cfg: Config) -> tuple[dict, dict]:
+    """Stage 1's process groups in this allocation and each one's share of the recipe's batch;
+    refuses a layout that cannot work or would change the recipe."""
     launch = cfg.launch
     placements = planned_placements(launch.nodes, tasks_per_node(cfg), launch.gpus_per_node)
-    return plan_groups(placements, cfg.dist.kps_ranks, cfg.dist.engine)
+    return plan_groups(placements, cfg.dist.kps_ranks, cfg.dist.engine), split_batches(cfg, len(placements))
 
 
 def job_resources(cfg: Config, stages: tuple[Stage, ...]) -> dict:
@@ -213,7 +214,7 @@ def sbatch_script(cfg: Config, stages: tuple[Stage, ...], dependency: str | None
 
 def describe(cfg: Config) -> str:
     """What `ffn submit` would submit: resources, environment, commands, sbatch scripts."""
-    groups = stage1_groups(cfg)
+    groups, splits = stage1_groups(cfg)
     jobs = chain()
     lines = [f"every job reads the run's frozen config: {run_dir(cfg).resolve() / 'config.yaml'}", ""]
     for number, stages in enumerate(jobs):
@@ -231,8 +232,8 @@ def describe(cfg: Config) -> str:
         ]
         if any(stage.name == "stage1" for stage in stages):
             lines.append(
-                f"   process groups: {describe_groups(groups)}; each data-parallel ({cfg.dist.engine}), "
-                "loader shards per group"
+                f"   process groups: {describe_groups(groups, splits)}; "
+                f"each data-parallel ({cfg.dist.engine}), loader shards per group"
             )
         script = sbatch_script(cfg, stages, "<id>" if number else None)
         lines += ["   sbatch script:", *("     " + line for line in script.splitlines()), ""]

@@ -160,6 +160,7 @@ def test_show_config_explain_and_version(tmp_path):
 
     shown = run_ffn("show-config", "demo", "stage1.lr=0.05", "--explain")
     assert shown.returncode == 0, shown.stderr
-    assert "stage1.lr: 0.05  # per-process base learning rate\n    allowed: float and > 0.0" in shown.stdout
+    explained = "stage1.lr: 0.05  # the recipe's base learning rate, for the batch data.batch_size\n"
+    assert explained + "    allowed: float and > 0.0" in shown.stdout
     version = run_ffn("--version")
     assert version.returncode == 0 and version.stdout.strip().startswith("ffn-dist ")

@@ -5,7 +5,15 @@ import torch
 
 from ffn_dist.distributed import rank_device
 from ffn_dist.errors import FFNError
-from ffn_dist.layout import Placement, branch_ranks, gpu_for, group_backend, plan_groups, planned_placements
+from ffn_dist.layout import (
+    Placement,
+    branch_ranks,
+    gpu_for,
+    group_backend,
+    plan_groups,
+    planned_placements,
+    split_batches,
+)
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 8])
@@ -89,3 +97,54 @@ def test_each_process_takes_its_gpu_round_robin():
     assert gpu_for(3, 0) is None
     assert rank_device(3, 2) == torch.device("cuda", 1)
     assert rank_device(3, 0) == torch.device("cpu")
+
+
+def _recipe(batch=64, kps_ranks=None, accumulation=1, max_micro=256):
+    from ffn_dist.config import load_config
+
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"data.batch_size={batch}",
+            f"dist.kps_ranks={'null' if kps_ranks is None else kps_ranks}",
+            f"stage1.accumulation={'null' if accumulation is None else accumulation}",
+            f"stage1.max_micro_batch={max_micro}",
+        ],
+    )
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4, 8, 16, 32, 64, 128])
+def test_the_global_batch_is_the_recipes_on_every_layout_that_keeps_it(nproc):
+    splits = split_batches(_recipe(64), nproc)
+    for name, ranks in branch_ranks(nproc, None).items():
+        split = splits[name]
+        assert split.ranks == len(ranks)
+        assert split.per_process * split.ranks == split.micro_batch * split.accumulation * split.ranks == 64
+
+
+@pytest.mark.parametrize("nproc", [5, 6, 7, 12, 256])
+def test_a_layout_that_would_change_the_recipe_is_refused_naming_those_that_keep_it(nproc):
+    with pytest.raises(FFNError) as refused:
+        split_batches(_recipe(64), nproc)
+    message = str(refused.value)
+    assert message.startswith("data.batch_size: the recipe's global batch of 64")
+    assert f"over {nproc} process(es)" in message
+    assert message.endswith("that keep it: 1, 2, 3, 4, 8, 16, 32, 64, 128")
+
+
+def test_accumulation_splits_each_share_and_is_chosen_to_fit_when_asked():
+    fixed = split_batches(_recipe(256, accumulation=4), 2)["kps"]
+    assert (fixed.per_process, fixed.accumulation, fixed.micro_batch) == (256, 4, 64)
+    assert str(fixed) == "global batch 256 = 1 x 256 (4 x 64 accumulated)"
+    auto = split_batches(_recipe(256, accumulation=None, max_micro=48), 4)["ce"]
+    assert (auto.per_process, auto.accumulation, auto.micro_batch) == (128, 4, 32)  # 64 > 48
+    with pytest.raises(FFNError, match=r"2 CE and 2 KPS rank\(s\) x stage1.accumulation=3 micro-batches"):
+        split_batches(_recipe(64, accumulation=3), 4)
+
+
+def test_an_explicit_kps_share_is_kept_in_the_counts_offered():
+    with pytest.raises(
+        FFNError,
+        match=r"\(3 CE and 2 KPS rank\(s\)\).*keep it with dist.kps_ranks=2: 1, 3, 4, 6, 10, 18, 34, 66$",
+    ):
+        split_batches(_recipe(64, kps_ranks=2), 5)

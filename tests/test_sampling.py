@@ -64,3 +64,18 @@ def test_mixup_lambda_follows_beta():
     lams = np.array([mixup(x, y, 0.2, rng)[3] for _ in range(2000)])
     # Beta(0.2, 0.2) is U-shaped: mean 1/2, most mass near 0 and 1
     assert abs(lams.mean() - 0.5) < 0.03 and ((lams < 0.1) | (lams > 0.9)).mean() > 0.6
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_whole_steps_make_step_k_the_same_images_on_any_number_of_ranks(size):
+    """Padded to whole steps of a global batch of 16, rank r's batch k (of 16 / size) holds
+    positions 16k .. 16k + 15 of the epoch's order, whatever the group size."""
+    order = np.random.default_rng(0).permutation(75)
+    shares = [shard(order, r, size, multiple=16) for r in range(size)]
+    per_rank = 16 // size
+    assert {len(s) for s in shares} == {80 // size}  # 5 whole steps, the last completed by wrapping
+    for step in range(5):
+        batch = np.concatenate([s[step * per_rank : (step + 1) * per_rank] for s in shares])
+        assert sorted(batch) == sorted(np.resize(order, 80)[step * 16 : (step + 1) * 16])
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        shard(order, 0, 3, multiple=16)

@@ -173,7 +173,8 @@ def test_dry_run_of_a_4_node_8_gpu_imagenet_submission(tmp_path):
     jobs = re.findall(r"== job \d/4: (\S+)", out)
     assert jobs == ["data", "stage1", "cache", "classifier+evaluate"]  # run.STAGES, one job per shape
     assert f"every job reads the run's frozen config: {tmp_path / 'run' / 'config.yaml'}" in out
-    assert "CE ranks 0-15 (16, nccl), KPS ranks 16-31 (16, nccl)" in out
+    share = "global batch 64 = 16 x 4"  # the recipe's batch, whatever the node count
+    assert f"CE ranks 0-15 (16, nccl; {share}), KPS ranks 16-31 (16, nccl; {share})" in out
     for line in (
         "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8",

@@ -16,6 +16,7 @@ from ffn_dist.checkpoint import list_checkpoints
 from tests.conftest import REPO, run_ffn, run_torchrun, tiny_overrides
 
 WORKER = Path(__file__).parent / "workers" / "stage1_replicas.py"
+STATE_WORKER = Path(__file__).parent / "workers" / "resumed_state.py"
 
 
 def report(out, branch):
@@ -92,17 +93,24 @@ def test_a_run_of_another_config_is_refused_before_anything_trains(tiny_root, tm
 
 
 @pytest.mark.parametrize(
-    "nproc, kps_ranks, backend",
-    [(1, "null", "memory"), (2, "null", "dali"), (4, "null", "memory"), (4, "3", "torch")],
+    "nproc, kps_ranks, backend, batch",
+    [(1, "null", "memory", 16), (2, "null", "dali", 16), (4, "null", "memory", 16), (4, "3", "torch", 48)],
 )
-def test_groups_are_data_parallel_only_inside_themselves(tiny_root, tmp_path, nproc, kps_ranks, backend):
+def test_groups_are_data_parallel_only_inside_themselves(
+    tiny_root, tmp_path, nproc, kps_ranks, backend, batch
+):
     out = tmp_path / "run"
     run_torchrun(
         nproc,
         WORKER,
         tmp_path,
         *tiny_overrides(
-            tiny_root, out, "stage1.epochs=1", f"dist.kps_ranks={kps_ranks}", f"data.backend={backend}"
+            tiny_root,
+            out,
+            "stage1.epochs=1",
+            f"dist.kps_ranks={kps_ranks}",
+            f"data.backend={backend}",
+            f"data.batch_size={batch}",  # a global batch each group splits evenly
         ),
         timeout=600,
     )
@@ -188,21 +196,47 @@ def test_ddp_and_deepspeed_zero_0_1_2_give_the_same_weights(tiny_root, tmp_path)
         assert_same_weights(ddp, deepspeed)
 
 
-def test_deepspeed_zero2_resumes_from_its_sharded_checkpoint(tiny_root, tmp_path):
+def test_deepspeed_zero2_resumes_exactly_from_its_checkpoint(tiny_root, tmp_path):
     # the torch backend: its augmentations are a function of (seed, epoch, sample), as DALI's are not
     args = ("stage1.epochs=2", "dist.engine=deepspeed", "dist.zero_stage=2", "data.backend=torch")
     full, _ = run_replicas(tiny_root, tmp_path / "a", *args)
     kps_dir = tmp_path / "a" / "run" / "stage1" / "kps"
-    assert sorted(p.name for p in kps_dir.glob("epoch_0002*")) == [
-        "epoch_0002.pt",
-        "epoch_0002.shard0.pt",
-        "epoch_0002.shard1.pt",
-    ]
+    assert sorted(p.name for p in kps_dir.glob("epoch_0002*")) == ["epoch_0002.pt"]  # one file, whole
     for branch in ("ce", "kps"):
         (tmp_path / "a" / "run" / "stage1" / branch / "epoch_0002.pt").unlink()  # "killed" before it
     resumed, log = run_replicas(tiny_root, tmp_path / "a", *args)
     assert "[kps] resuming from" in log and "epoch_0001.pt" in log
     assert_same_weights(full, resumed, rtol=0, atol=1e-6)
+
+
+def assert_state_is_the_checkpoints(resumed_file, checkpoint_file):
+    resumed = torch.load(resumed_file, weights_only=True)
+    saved = torch.load(checkpoint_file, weights_only=True)
+    assert tuple(resumed["position"]) == (saved["epoch"], 0)
+    for key, value in saved["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    momentum = saved["optimizer"]["state"]
+    assert momentum and momentum.keys() == resumed["optimizer"]["state"].keys()
+    for index, entry in momentum.items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], entry["momentum_buffer"])
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_zero_checkpoints_load_on_another_process_count(tiny_root, tmp_path, zero_stage):
+    """A ZeRO checkpoint holds whole tensors: written by groups of 2 ranks it loads into groups
+    of 1, and written by those, into groups of 2, each time exactly the state that was saved."""
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_root, out, "dist.engine=deepspeed", f"dist.zero_stage={zero_stage}")
+    run_torchrun(4, STATE_WORKER, tmp_path, *args, timeout=600)  # 2 ranks a branch: partitioned
+    for branch in ("ce", "kps"):
+        (out / "stage1" / branch / "epoch_0002.pt").unlink()  # stopped after epoch 1
+    for nproc, resumed_from in ((2, 1), (4, 2)):  # epoch 2 is then trained by groups of 1
+        log = run_torchrun(nproc, STATE_WORKER, tmp_path, *args, timeout=600).stdout
+        assert f"on {nproc // 2} process(es)" in log
+        for branch in ("ce", "kps"):
+            checkpoint = out / "stage1" / branch / f"epoch_{resumed_from:04d}.pt"
+            assert_state_is_the_checkpoints(tmp_path / f"{branch}_resumed.pt", checkpoint)
+            assert list_checkpoints(out / "stage1" / branch)[-1][0] == 2
 
 
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tiny_root, tmp_path):

@@ -46,7 +46,7 @@ def test_ddp_is_given_only_arguments_torch_2_11_knows(monkeypatch):
     model = torch.nn.Linear(2, 2)
     branch = types.SimpleNamespace(size=2, group="group")
     world = types.SimpleNamespace(device=torch.device("cuda", 1))  # the GPU path's arguments
-    engines.DDPEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), branch, world)
+    engines.DDPEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), branch, world, accumulation=1)
     assert Torch211DDP.given["broadcast_buffers"] is False  # buffers stay per replica
     assert Torch211DDP.given["device_ids"] == [1] and Torch211DDP.given["process_group"] == "group"
 

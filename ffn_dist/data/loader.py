@@ -148,18 +148,22 @@ def build_loader(
     backend: str | None = None,
     order: str | None = None,
     run_dir: str | Path | None = None,
+    whole_steps: bool = False,
 ) -> Loader:
     """The loader for rank `rank` of a process group of `size` ranks (`group` for collectives).
 
     train: shuffled (or class-balanced) order, train transform; otherwise the split in order
     with the eval transform. `order` overrides the order (the feature cache reads augmented
     views sequentially). `run_dir`: where the memory backend stores decoded splits
-    (`run_dir/decoded`; without one it decodes into memory only).
+    (`run_dir/decoded`; without one it decodes into memory only). `whole_steps`: every
+    batch of every rank is full, the epoch's order completed by wrapping around (stage 1:
+    every step is the recipe's global batch of `size` x `data_cfg.batch_size`).
     """
     if data_cfg.on_bad_image == "skip":
         split = exclude_bad_images(split, data_cfg.num_threads, rank, size, group)
     order = order or (("balanced" if balanced else "shuffle") if train else "sequential")
-    sampler = ShardSampler(split.labels, order, rank, size, seed)
+    multiple = size * data_cfg.batch_size if whole_steps else None
+    sampler = ShardSampler(split.labels, order, rank, size, seed, multiple)
     spec = TransformSpec.from_config(data_cfg, train)
     device = device or default_device()
     backend = backend or data_cfg.backend

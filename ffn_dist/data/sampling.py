@@ -4,7 +4,10 @@ Every rank of a group computes the same global order for an epoch (from the seed
 epoch), then takes its strided share. Shares are padded by wrapping around the order to
 ceil(N / group_size), so every rank runs the same number of steps and none hangs a
 collective; the few padded samples repeat real ones and carry their real index, which is
-how evaluation drops them again.
+how evaluation drops them again. Training pads the order to whole steps of the group's batch
+instead (`multiple`), so that every step is the recipe's global batch: with strided shares
+and per-rank batches of global / ranks, step k reads positions k x global .. (k+1) x global - 1
+of the epoch's order on any number of ranks, which is what lets a run resume on another count.
 """
 
 from __future__ import annotations
@@ -36,25 +39,38 @@ def epoch_order(labels: np.ndarray, order: str, seed: int, epoch: int) -> np.nda
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
-def shard(order: np.ndarray, rank: int, size: int) -> np.ndarray:
-    """Rank `rank`'s share of `order`: strided, padded to ceil(len / size) by wrapping."""
+def shard(order: np.ndarray, rank: int, size: int, multiple: int | None = None) -> np.ndarray:
+    """Rank `rank`'s share of `order`: strided, the order padded by wrapping to a multiple
+    of `multiple` (a multiple of `size`; default `size`)."""
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} outside a group of size {size}")
-    per_rank = math.ceil(len(order) / size)
-    padded = np.resize(order, per_rank * size)  # np.resize repeats from the start
+    multiple = multiple or size
+    if multiple % size:
+        raise ValueError(f"the padding multiple {multiple} is not a multiple of the group size {size}")
+    padded = np.resize(order, math.ceil(len(order) / multiple) * multiple)  # repeats from the start
     return padded[rank::size]
 
 
 class ShardSampler:
-    """The indices one rank of a group reads in each epoch."""
+    """The indices one rank of a group reads in each epoch; `multiple`: see `shard`."""
 
-    def __init__(self, labels: np.ndarray, order: str, rank: int = 0, size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        order: str,
+        rank: int = 0,
+        size: int = 1,
+        seed: int = 0,
+        multiple: int | None = None,
+    ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.labels, self.order, self.rank, self.size, self.seed = labels, order, rank, size, seed
+        self.multiple = multiple or size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.size)
+        return math.ceil(len(self.labels) / self.multiple) * self.multiple // self.size
 
     def indices(self, epoch: int) -> np.ndarray:
-        return shard(epoch_order(self.labels, self.order, self.seed, epoch), self.rank, self.size)
+        order = epoch_order(self.labels, self.order, self.seed, epoch)
+        return shard(order, self.rank, self.size, self.multiple)

@@ -59,6 +59,11 @@ NOT_INPUTS = (
     "cache.batch_size",
     "stage1.log_every",
     "stage1.keep_checkpoints",
+    # the layout: the recipe (global batch, lr) is the same on any number of processes
+    "dist.nproc",
+    "dist.kps_ranks",
+    "stage1.accumulation",
+    "stage1.max_micro_batch",
 )
 
 

@@ -8,6 +8,7 @@ same output directory resumes each branch from its latest complete checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import signal
@@ -29,7 +30,6 @@ from ffn_dist.checkpoint import (
     load_checkpoint,
     load_latest,
     save_checkpoint,
-    shard_path,
 )
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import Dataset, open_dataset
@@ -46,6 +46,7 @@ from ffn_dist.distributed import (
 )
 from ffn_dist.engines import wrap_for_training
 from ffn_dist.files import save_torch, write_json
+from ffn_dist.layout import split_batches
 from ffn_dist.losses import CELoss, KPSLoss
 from ffn_dist.metrics import accuracy_report, gather_predictions, prediction_scores, top_k
 from ffn_dist.models.backbones import build_backbone, load_pretrained
@@ -111,9 +112,18 @@ def lr_factor(cfg: Config, epoch_progress: float) -> float:
     return factor
 
 
-def base_lr(cfg: Config, group_size: int) -> float:
-    """`stage1.lr` is for one process's batch; with scale_lr it grows with the group's batch."""
-    return cfg.stage1.lr * (group_size if cfg.stage1.scale_lr else 1)
+def base_lr(cfg: Config) -> float:
+    """The recipe's `stage1.lr`, or with `lr_reference_batch` (the linear scaling rule) that
+    lr scaled from its reference batch to `data.batch_size`; the same on any process count."""
+    reference = cfg.stage1.lr_reference_batch
+    return cfg.stage1.lr * (cfg.data.batch_size / reference if reference else 1.0)
+
+
+def recipe(cfg: Config) -> dict:
+    """What each branch trains with, as the reports state it."""
+    s1, batch = cfg.stage1, cfg.data.batch_size
+    scaled = f"{s1.lr:g} x {batch} / {s1.lr_reference_batch}" if s1.lr_reference_batch else None
+    return {"global_batch": batch, "lr": base_lr(cfg), "linear_scaling": scaled}
 
 
 def evaluate(model: nn.Module, loader, branch: Branch, world: World, cfg: Config, counts) -> dict:
@@ -163,17 +173,18 @@ class _Console:
 class BranchTrainer:
     def __init__(self, cfg: Config, world: World, branch: Branch, dataset: Dataset):
         self.cfg, self.world, self.branch = cfg, world, branch
+        split = self.split = split_batches(cfg, world.size)[branch.name]
         self.counts = dataset.train.class_counts()
         self.dir = branch_dir(cfg, branch.name)
         self.hash = stage_identity(cfg, "stage1")
         net = place_model(build_network(cfg, branch.name, pretrained=True), world.device)
         # labels come from the training split, validated when it was read
         self.loss = build_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
-        self.lr = base_lr(cfg, branch.size)
+        self.lr = base_lr(cfg)
         optimizer = torch.optim.SGD(
             net.parameters(), lr=self.lr, momentum=cfg.stage1.momentum, weight_decay=cfg.stage1.weight_decay
         )
-        self.engine = wrap_for_training(cfg, net, optimizer, branch, world)
+        self.engine = wrap_for_training(cfg, net, optimizer, branch, world, split)
         loader_args = dict(
             rank=branch.rank,
             size=branch.size,
@@ -182,8 +193,9 @@ class BranchTrainer:
             device=world.device,
             run_dir=cfg.output_dir,
         )
-        self.train_loader = build_loader(cfg.data, dataset.train, train=True, **loader_args)
-        self.test_loader = build_loader(cfg.data, dataset.test, train=False, **loader_args)
+        share = dataclasses.replace(cfg.data, batch_size=split.per_process)
+        self.train_loader = build_loader(share, dataset.train, train=True, whole_steps=True, **loader_args)
+        self.test_loader = build_loader(share, dataset.test, train=False, **loader_args)
         self.writer = None
         if branch.is_first:
             from torch.utils.tensorboard import SummaryWriter
@@ -191,21 +203,18 @@ class BranchTrainer:
             self.writer = SummaryWriter(str(tensorboard_dir(cfg, branch.name)))
 
     # ------------------------------------------------------------------ checkpoints
-    def _paths(self, epoch: int, step: int) -> tuple[Path, Path]:
-        """(main file, this rank's optimizer shard) of the checkpoint at (epoch, step)."""
-        if step == 0:
-            return checkpoint_path(self.dir, epoch), shard_path(self.dir, epoch, self.branch.rank)
-        return interrupted_path(self.dir), interrupted_path(self.dir, self.branch.rank)
+    def _path(self, epoch: int, step: int) -> Path:
+        """The checkpoint at (epoch, step)."""
+        return checkpoint_path(self.dir, epoch) if step == 0 else interrupted_path(self.dir)
 
     def _newest_position(self) -> tuple[tuple[int, int], dict | None]:
         """First rank: the newest loadable (epoch, step) and its state; an interrupted
         checkpoint counts when it is ahead of the newest epoch checkpoint."""
-        safe = self.engine.safe_classes
-        latest = load_latest(self.dir, self.hash, safe)
+        latest = load_latest(self.dir, self.hash)
         position, state = ((latest[0], 0), latest[1]) if latest else ((0, 0), None)
         if interrupted_path(self.dir).is_file():
             try:
-                mid = load_checkpoint(interrupted_path(self.dir), self.hash, safe)
+                mid = load_checkpoint(interrupted_path(self.dir), self.hash)
             except ConfigMismatch:
                 raise
             except CheckpointError as exc:
@@ -216,24 +225,16 @@ class BranchTrainer:
         return position, state
 
     def _resume(self) -> tuple[int, int]:
-        """Load the newest checkpoint the group's first rank can load: (epoch, step) to start at."""
-        safe = self.engine.safe_classes
+        """Load the newest checkpoint the group's first rank can load: (epoch, step) to start at.
+        A step is the recipe's global batch on any process count, so the position holds."""
         position, state = self._newest_position() if self.branch.is_first else ((0, 0), None)
         chosen = [position]
         dist.broadcast_object_list(chosen, src=self.branch.ranks[0], group=self.branch.group)
         epoch, step = chosen[0]
         if (epoch, step) == (0, 0):
             return 0, 0
-        main, shard = self._paths(epoch, step)
-        state = state if state is not None else load_checkpoint(main, self.hash, safe)
-        shards = state.get("optimizer_shards")
-        if shards:
-            if shards != self.branch.size:
-                raise CheckpointError(
-                    f"{main}: its optimizer state is split over {shards} "
-                    f"ranks, this {self.branch.name} group has {self.branch.size}"
-                )
-            state["optimizer"] = load_checkpoint(shard, self.hash, safe)["optimizer"]
+        main = self._path(epoch, step)
+        state = state if state is not None else load_checkpoint(main, self.hash)
         self.engine.load_state(state)
         torch.set_rng_state(state["rng"]["torch"])
         if self.branch.is_first:
@@ -255,25 +256,20 @@ class BranchTrainer:
             branch=self.branch.name,
             rng={"torch": torch.get_rng_state()},
         )
-        main, shard = self._paths(epoch, step)
-        if self.engine.sharded_optimizer:
-            # Every rank writes its shard; the main file, written after all, marks completion.
-            save_torch(shard, {"optimizer": state.pop("optimizer"), "config_hash": self.hash})
-            state.update(optimizer=None, optimizer_shards=self.branch.size)
-            dist.barrier(group=self.branch.group)
         if self.branch.is_first:
             if step == 0:
                 save_checkpoint(self.dir, epoch, state, self.cfg.stage1.keep_checkpoints)
                 clear_interrupted(self.dir)
             else:
-                save_torch(main, state)
+                save_torch(self._path(epoch, step), state)
 
-    def _agreed(self, diverged: bool) -> tuple[bool, bool]:
-        """(stop requested, loss not finite), true on every rank of the group once on any."""
-        flags = torch.tensor([float(stop_requested()), float(diverged)], device=self.world.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.branch.group)
-        stop, diverged = flags.tolist()
-        return bool(stop), bool(diverged)
+    def _agreed(self, diverged: bool, images: int) -> tuple[bool, bool, int]:
+        """(stop requested, loss not finite), true on every rank of the group once on any, and
+        the images of the step over the group (its global batch, as trained)."""
+        flags = torch.tensor([float(stop_requested()), float(diverged), images], device=self.world.device)
+        dist.all_reduce(flags, group=self.branch.group)
+        stop, diverged, images = flags.tolist()
+        return stop > 0, diverged > 0, round(images)
 
     def _diverged(self, what: str, epoch: int, step: int):
         """Stop the job: nothing after a non-finite loss is worth keeping. The newest
@@ -295,23 +291,33 @@ class BranchTrainer:
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, lr: float
     ) -> torch.Tensor:
-        """One optimisation step of the branch: mixup, forward, loss, backward, update."""
+        """One optimisation step of the branch: mixup over the process's share of the batch,
+        then forward and backward of each of its equal micro-batches, then the update. Returns
+        the share's mean loss."""
         self.engine.set_lr(lr)
         images = place_images(images, self.world.device)
         labels = labels.to(self.world.device, non_blocking=True)  # a blocking copy waits for the GPU
         images, y_a, y_b, lam = mixup(images, labels, self.cfg.stage1.mixup_alpha, rng)
-        with autocast(self.world.device, self.cfg.model.precision):
-            logits = self.engine.forward(images)
-        loss = self.loss(logits, (y_a, y_b, lam))
-        self.engine.backward_step(loss)
-        return loss
+        micro = self.split.accumulation
+        losses = []
+        pieces = (t.tensor_split(micro) for t in (images, y_a, y_b))
+        for i, (x, a, b) in enumerate(zip(*pieces, strict=True)):
+            last = i == micro - 1
+            with self.engine.micro_batch(last):
+                with autocast(self.world.device, self.cfg.model.precision):
+                    logits = self.engine.forward(x)
+                loss = self.loss(logits, (a, b, lam))
+                self.engine.backward(loss, last)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def run(self) -> dict | None:
         s1, name = self.cfg.stage1, self.branch.name
         start, start_step = self._resume()
         steps = len(self.train_loader)
         console = _Console(self.branch, s1.epochs * steps, start * steps + start_step)
-        global_batch = self.cfg.data.batch_size * self.branch.size
+        if self.branch.is_first:
+            print(f"[{name}] {self.split} on {self.branch.size} process(es), lr {self.lr:g}", flush=True)
         report = None
         for epoch in range(start, s1.epochs):
             if isinstance(self.loss, KPSLoss):
@@ -329,10 +335,11 @@ class BranchTrainer:
                 console.advance()
                 if (step + 1) % s1.log_every == 0 or step + 1 == steps:
                     value = loss.item()  # the logging step's read: the checks below ride on it
+                    stop, diverged, global_batch = self._agreed(not math.isfinite(value), len(batch.labels))
                     rate = global_batch * (step + 1 - first) / (time.perf_counter() - tick)
                     console.report(epoch, s1.epochs, step, steps, value, lr, rate)
-                    self._scalars({"loss": value, "lr": lr, "images_per_s": rate}, epoch * steps + step + 1)
-                    stop, diverged = self._agreed(not math.isfinite(value))
+                    scalars = {"loss": value, "lr": lr, "images_per_s": rate, "global_batch": global_batch}
+                    self._scalars(scalars, epoch * steps + step + 1)
                     if diverged:
                         self._diverged(f"the loss is {value:g}", epoch + 1, step + 1)
                     if stop:
@@ -341,6 +348,8 @@ class BranchTrainer:
                             print(
                                 f"[{name}] stop requested: checkpointed at epoch {epoch + 1}, step {step + 1}"
                             )
+                        if self.writer:
+                            self.writer.close()  # its buffered steps are part of the run's log
                         raise StopRequested(name)
             average_buffers(self.engine.module, self.branch)
             last = epoch + 1 == s1.epochs
@@ -379,6 +388,7 @@ class BranchTrainer:
         body = {
             "branch": self.branch.name,
             "epochs": self.cfg.stage1.epochs,
+            "recipe": recipe(self.cfg),
             "train_counts": self.counts.tolist(),
             "test": report,
         }

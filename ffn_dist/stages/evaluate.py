@@ -76,12 +76,19 @@ def collect_results(cfg: Config) -> dict:
             "temperature": classifier["temperature"],
         },
         "train_counts": counts,
+        "stage1_recipe": stage1[BRANCHES[0]].get("recipe"),  # None: a stage 1 of an earlier release
         "methods": methods,
     }
     sweep = classifier_root(cfg) / "sweep.json"
     if sweep.is_file():
         results["sweep"] = json.loads(sweep.read_text())
     return results
+
+
+def recipe_line(recipe: dict) -> str:
+    """'stage 1: global batch 64 a branch, lr 0.1', and the linear scaling where it was used."""
+    line = f"stage 1: global batch {recipe['global_batch']} a branch, lr {recipe['lr']:g}"
+    return line + (f" (linear scaling: {recipe['linear_scaling']})" if recipe["linear_scaling"] else "")
 
 
 def accuracy_table(methods: dict[str, dict]) -> str:
@@ -227,6 +234,8 @@ def _evaluate(cfg: Config, tsne: bool, prior: str | None, test_lists: dict[str, 
         f"temperature of {classifier_name(cfg)}: {results['classifier']['temperature']['fitted']}; "
         "the stage-1 rows (each backbone's own head) are not temperature-scaled"
     )
+    if results["stage1_recipe"]:
+        tables += f"\n{recipe_line(results['stage1_recipe'])}"
     if prior is not None:
         shift = results["prior_shift"]
         tables += (

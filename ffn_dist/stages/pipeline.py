@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from ffn_dist.config import Config
 from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
-from ffn_dist.layout import describe_groups, plan_groups, planned_placements
+from ffn_dist.layout import describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config, note_end
 from ffn_dist.run.paths import report_dir, run_dir
 from ffn_dist.run.stages import STAGES, Stage, run_stage, stage_state, start_run
@@ -54,8 +54,9 @@ def stage1_layout(cfg: Config) -> str:
     before anything is written or launched."""
     gpus = visible_gpus()
     plans = plan_groups(planned_placements(1, cfg.dist.nproc, gpus), cfg.dist.kps_ranks, cfg.dist.engine)
+    splits = split_batches(cfg, cfg.dist.nproc)
     where = f"{gpus} GPU(s)" if gpus else "the CPU"
-    return f"{cfg.dist.nproc} process(es) on {where}: {describe_groups(plans)}"
+    return f"{cfg.dist.nproc} process(es) on {where}: {describe_groups(plans, splits)}"
 
 
 @contextmanager
