@@ -37,7 +37,7 @@ def cmd_stage(args) -> int:
 def cmd_train_backbones(args) -> int:
     from ffn_dist.stages.backbones import train_backbones
 
-    train_backbones(_config(args), only=args.branch)
+    train_backbones(_config(args), only=args.branch, max_steps=args.max_steps)
     return 0
 
 
@@ -123,11 +123,26 @@ def _launch_overrides(args) -> list[str]:
     return [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
 
 
+def cmd_plan(args) -> int:
+    from ffn_dist.plan import format_plan, plan
+
+    result = plan(_config(args), args.nproc, args.steps, args.dp_efficiency)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def cmd_submit(args) -> int:
     from ffn_dist.config import load_config
     from ffn_dist.launchers.slurm import describe, submit
 
     cfg = load_config(args.config, _launch_overrides(args))
+    if args.plan:  # the plan's time limits, as the launch.*_minutes they replace
+        from ffn_dist.plan import read_plan, time_limits
+        from ffn_dist.run.paths import plan_path
+
+        limits = time_limits(read_plan(cfg), args.plan_margin)
+        print(f"time limits from {plan_path(cfg)} x {args.plan_margin:g}: {' '.join(limits)}")
+        cfg = load_config(args.config, [*_launch_overrides(args), *limits])
     if args.dry_run:
         print(describe(cfg))
         return 0
@@ -380,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ce", "kps"],
         help="train only this branch (its ranks; the other group's ranks idle): for ablations",
     )
+    stage1.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="stop after K steps of each branch, checkpointed (exit 3; a rerun resumes): a smoke test",
+    )
     stage1.set_defaults(func=cmd_train_backbones)
 
     cache = sub.add_parser(
@@ -452,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="the pipeline as 3 chained SLURM jobs (submitit)")
     _add_config_args(submit)
     submit.add_argument("--executor", choices=["slurm", "local"], default="slurm")
+    submit.add_argument(
+        "--plan",
+        action="store_true",
+        help="each job's time limit from `ffn plan`'s prediction (output_dir/plan.json) x --plan-margin",
+    )
+    submit.add_argument(
+        "--plan-margin", type=float, default=1.5, help="the plan's times x this (default 1.5)"
+    )
     submit.add_argument("--dry-run", action="store_true", help="print what would be submitted")
     submit.add_argument("--wait", action="store_true", help="block until the chain ends; exit 2 on failure")
     submit.add_argument("--partition", default=None)
@@ -460,6 +490,26 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--nodes", type=int, default=None)
     submit.add_argument("--gpus-per-node", type=int, default=None)
     submit.set_defaults(func=cmd_submit)
+
+    plan = sub.add_parser(
+        "plan", help="predict a run's wall time, GPU-hours, memory and disk from a few real steps here"
+    )
+    _add_config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print JSON (the whole run's time: total_seconds)")
+    plan.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes to measure on (default: the run's, where they fit here)",
+    )
+    plan.add_argument("--steps", type=int, default=10, help="stage-1 steps timed a branch (default 10)")
+    plan.add_argument(
+        "--dp-efficiency",
+        type=float,
+        default=0.9,
+        help="per-process speed on the run's process count as a share of --nproc's (default 0.9)",
+    )
+    plan.set_defaults(func=cmd_plan)
 
     status = sub.add_parser(
         "status", help="each stage of the run: complete, stale (what changed), failed (why); SLURM jobs"

@@ -57,6 +57,16 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on its GPU, else its resident size on the
+    host (what a job's memory limit counts)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def rank_device(local_rank: int, gpus: int) -> torch.device:
     """This process's device: GPU `local_rank % gpus` (shared when processes outnumber GPUs)."""
     gpu = gpu_for(local_rank, gpus)

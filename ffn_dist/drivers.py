@@ -153,7 +153,7 @@ def sources(cfg: Config, cache: FeatureCache) -> list[tuple[str, float]]:
             flush=True,
         )
         return [("fused", w1)]
-    if selection_split(cfg, cache) is None:
+    if selection_split(cfg, "val" in cache.splits) is None:
         fused = cfg.stage2.w1
     else:  # FFN's sweep, chosen on val
         fused = val_choice(fused_sweep(point(cfg, "ffn"), cache, W1_GRID))["w1"]
@@ -177,7 +177,7 @@ def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], seed: 
                 }
             )
             print(f"[methods] {method:<16} {name:<5} test top-1 {result['test']['top1']:.2f}", flush=True)
-    select_on = selection_split(seeded, cache)
+    select_on = selection_split(seeded, "val" in cache.splits)
     body = summarise(rows, select_on, time.perf_counter() - start, seed if seed is not None else cfg.seed)
     out = methods_dir(cfg, seed)
     write_json(out / "methods.json", body)

@@ -79,12 +79,15 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def run_group(command: list[str]) -> int:
-    """Run `command` as its own process group and return its exit status. If this process
+def run_group(command: list[str], stdout=None) -> int:
+    """Run `command` as its own process group and return its exit status (its output to
+    `stdout`, a file, where given). If this process
     is stopped meanwhile (Terminated), the group gets SIGTERM (stage 1 then checkpoints),
     GRACE_S seconds, then SIGKILL; nothing of it outlives this call."""
     child = subprocess.Popen(
-        [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command], start_new_session=True
+        [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command],
+        start_new_session=True,
+        stdout=stdout,
     )
     try:
         return child.wait()

@@ -369,10 +369,11 @@ def test_choices_are_blind_to_the_test_labels(tmp_path, demo_root):
 
 def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(tmp_path, demo_root):
     cfg, cache = synthetic_run(tmp_path, demo_root, val_per_class=0)
-    assert selection_split(cfg, cache) is None
-    assert selection_split(with_settings(cfg, {"stage2.select": "defaults"}), cache) is None
+    has_val = "val" in cache.splits
+    assert not has_val and selection_split(cfg, has_val) is None
+    assert selection_split(with_settings(cfg, {"stage2.select": "defaults"}), has_val) is None
     with pytest.raises(FFNError, match="stage2.select=val: this run has no val split.*--val-per-class N"):
-        selection_split(with_settings(cfg, {"stage2.select": "val"}), cache)
+        selection_split(with_settings(cfg, {"stage2.select": "val"}), has_val)
     result = fit_classifier(with_settings(cfg, {"stage2.method": "tau_norm"}), cache, freeze=False)
     assert result["chosen"] == {"tau": 1.0, "selected_on": "published defaults"} and result["val"] is None
     wb = candidates(with_settings(cfg, {"stage2.method": "weight_balancing"}), None)

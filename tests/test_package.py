@@ -80,7 +80,7 @@ LAYERS = [
     {"config"},
     {"run", "rundir", "stopping", "torchrun"},
     {"stages"},
-    {"drivers", "predict", "bench", "cli", "launchers"},
+    {"drivers", "plan", "predict", "bench", "cli", "launchers"},
 ]
 # Imported inside a function, where it is needed, and named in docs/architecture.md.
 ALLOWED = {("ffn_dist.config", "ffn_dist.stages.methods")}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ffn_dist.plan import time_limits
 from tests.conftest import CONFIG, REPO, cache_overrides, run_ffn
 
 SCRIPT = REPO / "launchers" / "local_slurm.sh"
@@ -60,10 +61,19 @@ def ffn_status(env, *args):
 
 def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_path):
     args = cache_overrides(tiny_root, tmp_path / "run", "stage2.epochs=2", "cache.train_views=2")
-    result = submit(slurm_env, CONFIG, *args, "--wait")
+    planned = ffn(slurm_env, "plan", CONFIG, *args, "--steps", "4")
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    limits = time_limits(json.loads((tmp_path / "run" / "plan.json").read_text()), 1.5)
+    result = submit(slurm_env, CONFIG, *args, "--plan", "--wait")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = re.findall(r"submitted (\S+)\s+job (\d+)", result.stdout)
     assert [stage for stage, _ in ids] == ["data", "stage1", "cache", "classifier+evaluate"]
+    for (_, job_id), limit in zip(ids, limits, strict=True):  # SLURM's own time limit of each job
+        minutes = int(limit.split("=")[1])
+        job = subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm_env
+        )
+        assert f"TimeLimit={minutes // 60:02d}:{minutes % 60:02d}:00" in job.stdout, (limit, job.stdout)
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
     assert all(m["samples"] == 61 for m in report["methods"].values())
@@ -72,7 +82,8 @@ def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_
     assert "stage1: job" in stage1_log and "2 task(s)" in stage1_log
     status = ffn_status(slurm_env, CONFIG, *args)
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == 4, status.stdout + status.stderr
-    assert re.search(r"data\s+complete\n.*evaluate\s+complete", status.stdout, re.S), status.stdout
+    assert re.search(r"data\s+complete \(took .*\n.*evaluate\s+complete", status.stdout, re.S), status.stdout
+    assert re.search(r"stage1\s+complete \(took .+, planned .+\)", status.stdout), status.stdout
     assert (tmp_path / "run" / "data_report.json").is_file()  # the data stage ran on SLURM too
 
 

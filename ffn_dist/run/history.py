@@ -107,3 +107,25 @@ def last_failure(cfg: Config, stage: str) -> str | None:
         elif line["event"] == "failed" and found is None:
             found = line["error"]
     return found
+
+
+def stage_seconds(cfg: Config, stage: str) -> tuple[float, bool] | None:
+    """(wall seconds, still running) of the stage's latest outcome: every attempt since it
+    last completed before (a stopped and requeued stage 1 counts each part), None if it
+    never started."""
+    total, began, done = 0.0, None, None
+    for line in read_history(cfg):
+        if line["stage"] != stage:
+            continue
+        time = datetime.datetime.fromisoformat(line["time"])
+        if line["event"] == "started":
+            began = time
+        elif began is not None:
+            total, began = total + (time - began).total_seconds(), None
+            if line["event"] == "complete":
+                done, total = total, 0.0
+    if began is not None:
+        return total + (datetime.datetime.now().astimezone() - began).total_seconds(), True
+    if total:
+        return total, False
+    return (done, False) if done is not None else None

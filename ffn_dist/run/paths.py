@@ -95,5 +95,10 @@ def tensorboard_dir(cfg: Config, part: str) -> Path:
     return run_dir(cfg) / "tensorboard" / part
 
 
+def plan_path(cfg: Config) -> Path:
+    """`ffn plan`'s prediction, which `ffn submit --plan` and `ffn status` read."""
+    return run_dir(cfg) / "plan.json"
+
+
 def slurm_dir(cfg: Config) -> Path:
     return run_dir(cfg).resolve() / "slurm"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING
 
-from ffn_dist.run.history import config_id, load_run_config
-from ffn_dist.run.paths import frozen_config_path, run_dir
+from ffn_dist.progress import format_duration
+from ffn_dist.run.history import config_id, load_run_config, stage_seconds
+from ffn_dist.run.paths import frozen_config_path, plan_path, run_dir
 from ffn_dist.run.stages import STAGES, describe_changes, flatten, stage_state
 
 if TYPE_CHECKING:
@@ -22,8 +24,32 @@ def run_status(cfg: Config, verify: bool = False) -> tuple[list[str], bool]:
         ours, theirs = flatten(dataclasses.asdict(frozen)), flatten(dataclasses.asdict(cfg))
         lines.append("the config given differs: " + "; ".join(describe_changes(ours, theirs)))
     failed = False
+    planned = _planned_seconds(frozen)
     for stage in STAGES:
         state, detail = stage_state(frozen, stage.name, verify)
         failed = failed or state == "failed"
-        lines.append(f"{stage.label(frozen):<11} {state}" + (f": {detail}" if detail else ""))
+        timing = _timing(frozen, stage.label(frozen), planned.get(stage.name))
+        lines.append(f"{stage.label(frozen):<11} {state}" + (f": {detail}" if detail else "") + timing)
     return lines, failed
+
+
+def _planned_seconds(cfg: Config) -> dict[str, float]:
+    """`ffn plan`'s prediction per stage, where the run has one."""
+    try:
+        return {
+            name: stage["seconds"] for name, stage in json.loads(plan_path(cfg).read_text())["stages"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _timing(cfg: Config, label: str, planned: float | None) -> str:
+    """' (took 3 min 41 s, planned 3 min 20 s)': the wall time of its latest outcome against the plan."""
+    taken = stage_seconds(cfg, label)
+    parts = []
+    if taken is not None:
+        seconds, running = taken
+        parts.append(f"{'running for' if running else 'took'} {format_duration(seconds)}")
+    if planned is not None:
+        parts.append(f"planned {format_duration(planned)}")
+    return f" ({', '.join(parts)})" if parts else ""

@@ -42,6 +42,7 @@ from ffn_dist.distributed import (
     average_buffers,
     init_world,
     make_branches,
+    peak_memory_gb,
     rank0_decides,
 )
 from ffn_dist.engines import wrap_for_training
@@ -55,7 +56,7 @@ from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.run.paths import branch_dir, final_checkpoint, tensorboard_dir
 from ffn_dist.run.stages import StageFailed, begin_stage, finish_stage, recorded, stage_identity
 from ffn_dist.rundir import holding
-from ffn_dist.stopping import StopRequested, stop_on, stop_requested
+from ffn_dist.stopping import StopRequested, request_stop, stop_on, stop_requested
 
 
 class Network(nn.Module):
@@ -171,8 +172,11 @@ class _Console:
 
 
 class BranchTrainer:
-    def __init__(self, cfg: Config, world: World, branch: Branch, dataset: Dataset):
+    def __init__(
+        self, cfg: Config, world: World, branch: Branch, dataset: Dataset, max_steps: int | None = None
+    ):
         self.cfg, self.world, self.branch = cfg, world, branch
+        self.max_steps = max_steps  # stop (checkpointed) after this many steps of this run
         split = self.split = split_batches(cfg, world.size)[branch.name]
         self.counts = dataset.train.class_counts()
         self.dir = branch_dir(cfg, branch.name)
@@ -333,12 +337,16 @@ class BranchTrainer:
                 lr = self.lr * lr_factor(self.cfg, epoch + step / steps)
                 loss = self.train_step(batch.images, batch.labels, rng, lr)
                 console.advance()
-                if (step + 1) % s1.log_every == 0 or step + 1 == steps:
+                at_limit = self.max_steps is not None and console.done - console.start_done >= self.max_steps
+                if at_limit:
+                    request_stop()  # every rank of the group is at the same step: the stop path below
+                if (step + 1) % s1.log_every == 0 or step + 1 == steps or at_limit:
                     value = loss.item()  # the logging step's read: the checks below ride on it
                     stop, diverged, global_batch = self._agreed(not math.isfinite(value), len(batch.labels))
                     rate = global_batch * (step + 1 - first) / (time.perf_counter() - tick)
                     console.report(epoch, s1.epochs, step, steps, value, lr, rate)
                     scalars = {"loss": value, "lr": lr, "images_per_s": rate, "global_batch": global_batch}
+                    scalars["peak_memory_gb"] = peak_memory_gb(self.world.device)
                     self._scalars(scalars, epoch * steps + step + 1)
                     if diverged:
                         self._diverged(f"the loss is {value:g}", epoch + 1, step + 1)
@@ -407,10 +415,11 @@ def _finish(cfg: Config) -> None:
         finish_stage(cfg, "stage1", outputs)
 
 
-def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
+def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None = None) -> dict[str, dict]:
     """Both branches, or `only` one of them. SIGUSR2 (SLURM's pre-emption warning) or
     SIGTERM makes every group checkpoint mid-epoch and raise StopRequested; the next run
-    resumes there."""
+    resumes there. `max_steps`: the same stop after that many steps of a branch (a smoke
+    test, and `ffn plan`'s probe); with one process, the first branch's."""
     world = init_world()
     previous = {signum: stop_on(signum) for signum in (signal.SIGUSR2, signal.SIGTERM)}
     reports = {}
@@ -425,7 +434,8 @@ def train_backbones(cfg: Config, only: str | None = None) -> dict[str, dict]:
                 try:
                     for branch in make_branches(world, cfg.dist):
                         if only in (None, branch.name):
-                            reports[branch.name] = BranchTrainer(cfg, world, branch, dataset).run()
+                            trainer = BranchTrainer(cfg, world, branch, dataset, max_steps)
+                            reports[branch.name] = trainer.run()
                     dist.barrier()
                 except StopRequested:
                     # Matches the other ranks' barrier (stopped or finished): when it returns

@@ -38,12 +38,12 @@ def kps_head_weight(cfg: Config) -> torch.Tensor:
     return state["model"]["head.weight"]
 
 
-def selection_split(cfg: Config, cache: FeatureCache) -> str | None:
+def selection_split(cfg: Config, has_val: bool) -> str | None:
     """The split hyperparameters are chosen on: 'val', or None for the published defaults."""
     select = cfg.stage2.select
     if select == "defaults":
         return None
-    if "val" in cache.splits:
+    if has_val:
         return "val"
     if select == "val":
         raise FFNError(
@@ -92,7 +92,7 @@ def fit_classifier(
 def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     s2 = cfg.stage2
     method = REGISTRY[s2.method]
-    select_on = selection_split(cfg, cache)
+    select_on = selection_split(cfg, "val" in cache.splits)
     tries = candidates(cfg, select_on)
 
     def point(name: str) -> LinearForm:

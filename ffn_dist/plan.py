@@ -1,0 +1,419 @@
+"""`ffn plan CONFIG`: what a run will cost, from a few real steps, before anything is queued.
+
+Where it runs (a login node's CPU, one GPU of an allocation, a whole node), it measures:
+
+- stage 1: `ffn train-backbones --max-steps K` under torchrun, in a scratch directory, on the
+  config's process count or `--nproc P`: the median seconds of an optimizer step of each
+  branch (after the first ones), the start-up before the first step, the checkpoint each
+  branch writes when it stops, and each process's peak memory (TensorBoard's scalars);
+- the data stage, run as it is;
+- an epoch of the configured stage-2 classifier on a synthetic cache of the run's shape
+  (its training rows up to `CLASSIFIER_ROWS`).
+
+The rest is extrapolated, and the output says how: stage 1's steps and evaluations per
+epoch, forward passes (evaluations, the cache) at `FORWARD_SHARE` of a training step's time
+per image, another process count at `--dp-efficiency` of the measured per-process speed,
+the classifier's epochs linear in its rows. docs/running.md writes the model down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ffn_dist.checkpoint import interrupted_path
+from ffn_dist.config import Config, with_settings
+from ffn_dist.data.dataset import open_dataset
+from ffn_dist.distributed import BRANCHES, peak_memory_gb, visible_gpus
+from ffn_dist.errors import FFNError
+from ffn_dist.files import write_json
+from ffn_dist.launchers.slurm import tasks_per_node
+from ffn_dist.layout import split_batches
+from ffn_dist.progress import format_duration
+from ffn_dist.run.history import config_id, freeze_config
+from ffn_dist.run.paths import branch_dir, plan_path, tensorboard_dir
+from ffn_dist.run.stages import STAGES, flatten
+from ffn_dist.stopping import run_group
+
+WARMUP_STEPS = 3  # steps whose time is start-up (first allocations, loader start), not a step's
+FORWARD_SHARE = 1 / 3  # a forward pass per image, as a share of a training step's (backward ~ 2x)
+CLASSIFIER_ROWS = 8192  # rows of the synthetic cache a classifier epoch is timed on
+STORED_BYTES = {"fp16": 2, "fp32": 4}
+ROW_BYTES = 16  # a cached row's label and index (int64 each)
+
+
+# ----------------------------------------------------------------------------- the layout
+def target_processes(cfg: Config) -> int:
+    """The processes of the stages of all processes: `ffn run`'s `dist.nproc` on one machine,
+    `ffn submit`'s nodes x tasks on SLURM (the same on one CPU node)."""
+    return (
+        cfg.launch.nodes * tasks_per_node(cfg)
+        if cfg.launch.nodes > 1 or cfg.launch.gpus_per_node
+        else cfg.dist.nproc
+    )
+
+
+def target_gpus(cfg: Config) -> int:
+    """GPUs a job of all processes holds (0: CPU tasks)."""
+    if cfg.launch.gpus_per_node:
+        return cfg.launch.nodes * cfg.launch.gpus_per_node
+    return min(cfg.dist.nproc, visible_gpus())
+
+
+def probe_processes(cfg: Config, target: int) -> int:
+    """The run's own count, on this machine's GPUs where it has fewer than that (the largest
+    count they hold that keeps the recipe); a CPU runs them all (`--nproc` to run fewer)."""
+    gpus = visible_gpus()
+    for count in range(min(target, gpus) if gpus else target, 0, -1):
+        try:
+            split_batches(with_settings(cfg, {"dist.nproc": count, "dist.kps_ranks": None}), count)
+            return count
+        except FFNError:
+            continue
+    return 1
+
+
+def branch_sizes(cfg: Config, processes: int) -> dict[str, int]:
+    return {branch: split.ranks for branch, split in split_batches(cfg, processes).items()}
+
+
+# ----------------------------------------------------------------------------- the probe
+@dataclass
+class Probe:
+    processes: int
+    device: str  # "cuda" or "cpu"
+    steps: int  # steps timed a branch
+    step_s: dict[str, float]  # median seconds of an optimizer step (the global batch)
+    startup_s: float  # launch to the first step's end, less a step
+    checkpoint_bytes: dict[str, int]
+    peak_memory_gb: float  # over the processes
+    data_s: float  # the data stage
+    classifier_epoch_s: float  # an epoch on the run's training rows, scaled from CLASSIFIER_ROWS
+    classifier_memory_gb: float
+    notes: list[str]
+
+
+def _scalars(directory: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
+
+
+def probe_stage1(cfg: Config, processes: int, steps: int, scratch: Path) -> dict:
+    """`steps` steps of each branch under torchrun in `scratch`; per branch the step times
+    (from each step's TensorBoard wall time), the checkpoint it stopped with, and the peak memory."""
+    probe = with_settings(
+        cfg,
+        {"output_dir": str(scratch), "stage1.log_every": 1, "dist.nproc": processes, "dist.kps_ranks": None},
+    )
+    config = freeze_config(probe)
+    command = [sys.executable, "-m", "ffn_dist.torchrun", "--standalone", f"--nproc-per-node={processes}"]
+    command += ["-m", "ffn_dist.cli", "train-backbones", str(config), "--max-steps", str(steps)]
+    print(
+        f"probe: stage 1, {steps} steps a branch on {processes} process(es): {' '.join(command[2:])}",
+        flush=True,
+    )
+    launched = time.time()
+    run_group(
+        command, stdout=sys.stderr
+    )  # exits 3 (stopped, checkpointed) when it ran its steps: judged by its log
+    measured = {}
+    for branch in BRANCHES:
+        walls = [event.wall_time for event in _scalars(tensorboard_dir(probe, branch), f"{branch}/loss")]
+        if len(walls) < 2:
+            continue  # one process: the branches train in turn, and the probe stops after the first
+        gaps = [b - a for a, b in zip(walls, walls[1:], strict=False)]
+        step_s = statistics.median(gaps[WARMUP_STEPS - 1 :] or gaps)
+        memory = [e.value for e in _scalars(tensorboard_dir(probe, branch), f"{branch}/peak_memory_gb")]
+        checkpoint = interrupted_path(branch_dir(probe, branch))
+        measured[branch] = {
+            "step_s": step_s,
+            "startup_s": max(walls[0] - launched - step_s, 0.0),
+            "checkpoint_bytes": checkpoint.stat().st_size if checkpoint.is_file() else 0,
+            "peak_memory_gb": max(memory, default=0.0),
+            "steps": len(walls),
+        }
+    if not measured:
+        raise FFNError(
+            f"ffn plan: stage 1's probe logged fewer than 2 steps in {scratch} (its output above says why); "
+            "nothing was planned"
+        )
+    return measured
+
+
+def probe_classifier(cfg: Config, train_rows: int, dims: int, scratch: Path) -> tuple[float, float]:
+    """Seconds of a stage-2 epoch on the run's training rows (timed on up to CLASSIFIER_ROWS of a
+    synthetic cache of its shape, scaled linearly), and this process's peak memory (GB)."""
+    from ffn_dist.bench.stage2 import cache_epoch_runner, write_synthetic_cache
+
+    rows = min(train_rows, CLASSIFIER_ROWS)
+    cache = write_synthetic_cache(scratch / "cache", rows, dims, cfg.data.num_classes, test_rows=64)
+    run, _ = cache_epoch_runner(cfg, cache)
+    times = [run() for _ in range(3)]
+    return statistics.median(times[1:]) * train_rows / rows, peak_memory_gb(_device_of_classifier(cfg, dims))
+
+
+def _device_of_classifier(cfg: Config, dims: int):
+    from ffn_dist.stages.epochs import classifier_device
+
+    return classifier_device(cfg.stage2.device, cfg.data.num_classes * dims)
+
+
+def run_probe(cfg: Config, processes: int, steps: int, dims: int, train_rows: int) -> Probe:
+    from ffn_dist.stages.prepare import prepare
+
+    # what the probe prints is progress, on stderr: stdout is the plan (`--json`)
+    with tempfile.TemporaryDirectory(prefix="ffn-plan-") as scratch, contextlib.redirect_stdout(sys.stderr):
+        scratch = Path(scratch)
+        tick = time.perf_counter()
+        prepare(with_settings(cfg, {"output_dir": str(scratch / "data")}))
+        data_s = time.perf_counter() - tick
+        measured = probe_stage1(cfg, processes, steps, scratch / "stage1")
+        epoch_s, classifier_memory = probe_classifier(cfg, train_rows, dims, scratch)
+    notes = []
+    first = next(iter(measured.values()))
+    for branch in BRANCHES:
+        if branch not in measured:
+            measured[branch] = first
+            notes.append(
+                f"{branch}: not timed (one process trains the branches in turn), taken as the other's"
+            )
+    return Probe(
+        processes=processes,
+        device="cuda" if visible_gpus() else "cpu",
+        steps=min(m["steps"] for m in measured.values()),
+        step_s={b: measured[b]["step_s"] for b in BRANCHES},
+        startup_s=max(m["startup_s"] for m in measured.values()),
+        checkpoint_bytes={b: measured[b]["checkpoint_bytes"] for b in BRANCHES},
+        peak_memory_gb=max(m["peak_memory_gb"] for m in measured.values()),
+        data_s=data_s,
+        classifier_epoch_s=epoch_s,
+        classifier_memory_gb=classifier_memory,
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------- the model
+def _evaluations(cfg: Config) -> int:
+    s1 = cfg.stage1
+    return sum(1 for epoch in range(1, s1.epochs + 1) if epoch % s1.eval_every == 0 or epoch == s1.epochs)
+
+
+def predict(cfg: Config, probe: Probe, sizes: dict, dp_efficiency: float) -> dict:
+    """Per stage: wall seconds, GPU-hours, peak memory per process, bytes on disk, and how
+    each figure was reached."""
+    dataset = open_dataset(cfg.data)
+    n = {name: len(split) for name, split in dataset.splits().items()}
+    batch, s1, s2 = cfg.data.batch_size, cfg.stage1, cfg.stage2
+    target, gpus = target_processes(cfg), target_gpus(cfg)
+    shared = target == 1  # one process trains the branches in turn
+    steps_per_epoch = math.ceil(n["train"] / batch)
+    # a process's seconds per training image, measured on the probe's share of the batch and
+    # taken at the efficiency assumed where the target's count differs
+    per_image = {}
+    for b in BRANCHES:
+        efficiency = 1.0 if sizes["target"][b] == sizes["probe"][b] else dp_efficiency
+        per_image[b] = probe.step_s[b] * sizes["probe"][b] / batch / efficiency
+    step_s = {b: per_image[b] * batch / sizes["target"][b] for b in BRANCHES}
+    forward_s = {b: FORWARD_SHARE * per_image[b] for b in BRANCHES}
+    evals = _evaluations(cfg)
+    branch_s = {
+        b: s1.epochs * steps_per_epoch * step_s[b] + evals * n["test"] / sizes["target"][b] * forward_s[b]
+        for b in BRANCHES
+    }
+    stage1_s = probe.startup_s + (sum(branch_s.values()) if shared else max(branch_s.values()))
+    cache_rows = n["train"] * cfg.cache.train_views + n.get("val", 0) + n["test"]
+    cache_s = probe.startup_s + cache_rows / target * sum(forward_s.values())  # both backbones a row
+    fits = _fits(cfg, "val" in n)
+    classifier_s = fits * s2.epochs * probe.classifier_epoch_s
+    dims = _dims(cfg)
+    stored = 1 if cfg.cache.store == "fused" else len(BRANCHES)
+    train_bytes = (
+        n["train"] * cfg.cache.train_views * (stored * dims * STORED_BYTES[cfg.cache.dtype] + ROW_BYTES)
+    )
+    eval_bytes = (n.get("val", 0) + n["test"]) * (stored * dims * STORED_BYTES["fp32"] + ROW_BYTES)
+    cache_bytes = train_bytes + eval_bytes
+    kept = min(s1.keep_checkpoints, math.ceil(s1.epochs / s1.checkpoint_every))
+    checkpoint_bytes = kept * sum(probe.checkpoint_bytes.values())
+    on = f"{target} process(es)" + (f", {gpus} GPU(s)" if gpus else " on the CPU")
+    stages = {
+        "data": _figures(probe.data_s, 0, None, 0, "measured: the data stage, run here"),
+        "stage1": _figures(
+            stage1_s,
+            gpus,
+            probe.peak_memory_gb,
+            checkpoint_bytes,
+            f"{s1.epochs} epochs x {steps_per_epoch} steps a branch at "
+            + ", ".join(f"{b} {step_s[b]:.3g} s" for b in BRANCHES)
+            + f" a step ({'in turn' if shared else 'concurrently'}, on {on}); "
+            f"{evals} test evaluations of {n['test']} images; start-up {probe.startup_s:.0f} s; "
+            f"checkpoints: {kept} kept a branch of "
+            + ", ".join(f"{b} {probe.checkpoint_bytes[b] / 1e6:.1f} MB" for b in BRANCHES),
+        ),
+        "cache": _figures(
+            cache_s,
+            gpus,
+            probe.peak_memory_gb,
+            cache_bytes,
+            f"{cache_rows} rows ({cfg.cache.train_views} views of train, val, test) through both backbones "
+            f"on {on}; start-up as stage 1's; memory at most stage 1's (no gradients); size "
+            f"rows x {stored} x {dims} dims x bytes ({cfg.cache.dtype} train, fp32 val/test), 16 more a row",
+        ),
+        "classifier": _figures(
+            classifier_s,
+            min(gpus, 1),
+            probe.classifier_memory_gb + cache_bytes / 2**30,
+            0,
+            f"{fits} fit(s) x {s2.epochs} epochs at {probe.classifier_epoch_s:.3g} s an epoch "
+            f"of {n['train']} rows; "
+            "memory: this process's in the probe plus the cache (memory-mapped, read whole each epoch)",
+        ),
+        "evaluate": _figures(
+            0.0, min(gpus, 1), None, 0, "not measured: tables and plots of the results, seconds"
+        ),
+    }
+    measured_on = f"{probe.processes} process(es) on the {'GPU' if probe.device == 'cuda' else 'CPU'}"
+    extrapolated = [
+        f"stage 1: {probe.steps} steps a branch timed on {measured_on} (median after {WARMUP_STEPS}), "
+        f"{s1.epochs * steps_per_epoch} planned",
+        f"forward passes (evaluations, the cache) at {FORWARD_SHARE:.2f} of a training step's time per image",
+        f"the classifier's epochs timed on {min(n['train'], CLASSIFIER_ROWS)} synthetic rows, linear in rows",
+        *probe.notes,
+    ]
+    if any(sizes["target"][b] != sizes["probe"][b] for b in BRANCHES):
+        extrapolated.append(
+            f"{target} processes from {probe.processes}: per-process speed x {dp_efficiency:g} "
+            "(data-parallel efficiency)"
+        )
+    if gpus and probe.device != "cuda":
+        extrapolated.append(
+            "measured on the CPU for a run on GPUs: the times are this CPU's; run `ffn plan` on a node "
+            "of the "
+            "run's partition (e.g. inside `salloc`) for the GPUs' figures"
+        )
+    total = sum(stage["seconds"] for stage in stages.values())
+    return {
+        "config": config_id(cfg),
+        "settings": _planned_settings(cfg),
+        "layout": {"processes": target, "gpus": gpus, "branch_processes": sizes["target"]},
+        "measured_on": {"processes": probe.processes, "device": probe.device, "steps": probe.steps},
+        "stages": stages,
+        "total_seconds": round(total, 1),
+        "gpu_hours": round(sum(stage["gpu_hours"] for stage in stages.values()), 3),
+        "disk_bytes": cache_bytes + checkpoint_bytes,
+        "extrapolated": extrapolated,
+    }
+
+
+def _figures(seconds: float, gpus: int, memory_gb: float | None, disk_bytes: int, basis: str) -> dict:
+    return {
+        "seconds": round(seconds, 1),
+        "gpu_hours": round(seconds * gpus / 3600, 3),
+        "peak_memory_gb": None if memory_gb is None else round(memory_gb, 2),
+        "disk_bytes": int(disk_bytes),
+        "basis": basis,
+    }
+
+
+def _fits(cfg: Config, has_val: bool) -> int:
+    from ffn_dist.stages.classifier import candidates, selection_split
+
+    return len(candidates(cfg, selection_split(cfg, has_val)))
+
+
+def _dims(cfg: Config) -> int:
+    from ffn_dist.models.backbones import build_backbone
+
+    return build_backbone(cfg.model.arch).embedding_dim
+
+
+def _planned_settings(cfg: Config) -> dict:
+    """What the plan depends on: every setting but SLURM's (whose time limits it sets)."""
+    return {
+        k: v
+        for k, v in flatten(dataclasses.asdict(cfg)).items()
+        if not k.startswith("launch.") and k != "name"
+    }
+
+
+# ----------------------------------------------------------------------------- the command
+def plan(cfg: Config, processes: int | None = None, steps: int = 10, dp_efficiency: float = 0.9) -> dict:
+    """Measure, predict, write `output_dir/plan.json` (what `ffn submit --plan` and `ffn status` read)."""
+    if steps <= WARMUP_STEPS:
+        raise FFNError(f"--steps: {steps}; give more than the {WARMUP_STEPS} warm-up steps")
+    if not 0 < dp_efficiency <= 1:
+        raise FFNError(f"--dp-efficiency: {dp_efficiency:g}; give a share in (0, 1]")
+    target = target_processes(cfg)
+    split_batches(cfg, target)  # a layout that cannot keep the recipe is refused before measuring
+    processes = processes or probe_processes(cfg, target)
+    probe_cfg = with_settings(cfg, {"dist.nproc": processes, "dist.kps_ranks": None})
+    sizes = {"target": branch_sizes(cfg, target), "probe": branch_sizes(probe_cfg, processes)}
+    dataset = open_dataset(cfg.data)
+    probe = run_probe(cfg, processes, steps, _dims(cfg), len(dataset.train))
+    result = predict(cfg, probe, sizes, dp_efficiency)
+    write_json(plan_path(cfg), result)
+    return result
+
+
+def read_plan(cfg: Config) -> dict:
+    """The plan of this run's config, refused when it was made for other settings."""
+    path = plan_path(cfg)
+    if not path.is_file():
+        raise FFNError(f"{path}: no plan; run `ffn plan` with the same config first")
+    saved = json.loads(path.read_text())
+    now = _planned_settings(cfg)
+    changed = [k for k in dict.fromkeys([*now, *saved["settings"]]) if now.get(k) != saved["settings"].get(k)]
+    if changed:
+        shown = "; ".join(
+            f"{k}: {saved['settings'].get(k)!r} planned, {now.get(k)!r} now" for k in changed[:5]
+        )
+        raise FFNError(f"{path}: made for another config ({shown}); run `ffn plan` again")
+    return saved
+
+
+def time_limits(saved: dict, margin: float) -> list[str]:
+    """`launch.*_minutes` overrides: each job's predicted time x `margin`, in whole minutes."""
+    if margin < 1:
+        raise FFNError(
+            f"--plan-margin: {margin:g}; a time limit below the prediction would cut the job short"
+        )
+    seconds: dict[str, float] = {}
+    for stage in STAGES:
+        seconds[stage.minutes] = seconds.get(stage.minutes, 0.0) + saved["stages"][stage.name]["seconds"]
+    return [f"launch.{key}={max(1, math.ceil(value * margin / 60))}" for key, value in seconds.items()]
+
+
+def format_plan(result: dict) -> str:
+    from ffn_dist.tables import markdown_table
+
+    rows = []
+    for name, stage in result["stages"].items():
+        memory = "-" if stage["peak_memory_gb"] is None else f"{stage['peak_memory_gb']:.2f} GB"
+        disk = f"{stage['disk_bytes'] / 1e6:,.1f} MB" if stage["disk_bytes"] else "-"
+        rows.append([name, format_duration(stage["seconds"]), f"{stage['gpu_hours']:.3f}", memory, disk])
+    total_disk = f"{result['disk_bytes'] / 1e6:,.1f} MB"
+    rows.append(
+        ["total", format_duration(result["total_seconds"]), f"{result['gpu_hours']:.3f}", "", total_disk]
+    )
+    layout = result["layout"]
+    lines = [
+        f"plan for {layout['processes']} process(es)"
+        + (f", {layout['gpus']} GPU(s)" if layout["gpus"] else " on the CPU")
+        + f" (config {result['config']}):",
+        markdown_table(["stage", "wall time", "GPU-hours", "peak memory / process", "on disk"], rows),
+        "how:",
+        *(f"- {name}: {stage['basis']}" for name, stage in result["stages"].items()),
+        "extrapolated:",
+        *(f"- {line}" for line in result["extrapolated"]),
+    ]
+    return "\n".join(lines)
