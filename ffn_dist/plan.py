@@ -40,7 +40,7 @@ from ffn_dist.layout import split_batches
 from ffn_dist.progress import format_duration
 from ffn_dist.run.history import config_id, freeze_config
 from ffn_dist.run.paths import branch_dir, plan_path, tensorboard_dir
-from ffn_dist.run.stages import STAGES, flatten
+from ffn_dist.run.stages import STAGES, describe_changes, flatten
 from ffn_dist.stopping import run_group
 
 WARMUP_STEPS = 3  # steps whose time is start-up (first allocations, loader start), not a step's
@@ -371,13 +371,9 @@ def read_plan(cfg: Config) -> dict:
     if not path.is_file():
         raise FFNError(f"{path}: no plan; run `ffn plan` with the same config first")
     saved = json.loads(path.read_text())
-    now = _planned_settings(cfg)
-    changed = [k for k in dict.fromkeys([*now, *saved["settings"]]) if now.get(k) != saved["settings"].get(k)]
-    if changed:
-        shown = "; ".join(
-            f"{k}: {saved['settings'].get(k)!r} planned, {now.get(k)!r} now" for k in changed[:5]
-        )
-        raise FFNError(f"{path}: made for another config ({shown}); run `ffn plan` again")
+    changes = describe_changes(saved["settings"], _planned_settings(cfg), then="planned")
+    if changes:
+        raise FFNError(f"{path}: made for another config ({'; '.join(changes[:5])}); run `ffn plan` again")
     return saved
 
 
