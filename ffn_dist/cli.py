@@ -388,12 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("run_dir", help="the run directory (its config.yaml is the config)")
     stage.set_defaults(func=cmd_stage)
 
-    stage1 = sub.add_parser("train-backbones", help="stage 1: CE and KPS backbones (under torchrun)")
+    stage1 = sub.add_parser("train-backbones", help="stage 1: the branches' backbones (under torchrun)")
     _add_config_args(stage1)
     stage1.add_argument(
         "--branch",
-        choices=["ce", "kps"],
-        help="train only this branch (its ranks; the other group's ranks idle): for ablations",
+        metavar="NAME",
+        help="train only this branch of `branches` (its ranks; the other groups' ranks idle): for ablations",
     )
     stage1.add_argument(
         "--max-steps",

@@ -20,18 +20,21 @@ from pathlib import Path
 
 import yaml
 
+from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_text
+from ffn_dist.losses import LOSSES, MARGIN_LOSSES, REWEIGHTABLE_LOSSES
 from ffn_dist.models.backbones import BACKBONES
+from ffn_dist.models.heads import HEADS
 
 
 class ConfigError(FFNError):
     pass
 
 
-def opt(default, *, choices=None, ge=None, gt=None, le=None, doc=""):
+def opt(default, *, choices=None, ge=None, gt=None, le=None, lt=None, doc=""):
     """A config field with its allowed values and what it means (`doc`)."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -129,6 +132,22 @@ class Stage1Config:
     kps_max_m: float = opt(0.2, ge=0.0, doc="KPS: the rarest class's margin")
     kps_s: float = opt(15.0, gt=0.0, doc="KPS: the logit scale s")
     kps_ga_epoch: int = opt(120, ge=0, doc="epoch from which KPS uses per-class scales")
+    ldam_max_m: float = opt(0.5, ge=0.0, doc="loss ldam: the rarest class's margin")
+    ldam_s: float = opt(30.0, gt=0.0, doc="loss ldam: the logit scale s")
+    focal_gamma: float = opt(2.0, ge=0.0, doc="loss focal: the focusing exponent (0: cross-entropy)")
+    class_balanced_beta: float = opt(
+        0.9999, ge=0.0, lt=1.0, doc="loss class_balanced_ce: weights (1 - beta) / (1 - beta^n_c)"
+    )
+    logit_adjusted_tau: float = opt(1.0, ge=0.0, doc="loss logit_adjusted: CE on logits + tau log(prior)")
+    cosine_s: float = opt(
+        16.0, gt=0.0, doc="a cosine head under a loss without its own scale: the cosines are scaled by this"
+    )
+    drw_from: float = opt(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        doc="a branch with drw: class-balanced loss weights from this fraction of the epochs",
+    )
     lr_reference_batch: int | None = opt(
         None,
         ge=1,
@@ -292,8 +311,67 @@ class CacheConfig:
 class DistConfig:
     engine: str = opt("ddp", choices=["ddp", "deepspeed"], doc="data parallelism inside each branch's group")
     nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
-    kps_ranks: int | None = opt(None, ge=1, doc="ranks for the KPS group (default: half)")
     zero_stage: int = opt(0, ge=0, le=2, doc="DeepSpeed ZeRO stage")
+
+
+# The names stage 1 and the stages after it know in this release (the roles of the paper's pair).
+BRANCH_NAMES = ("ce", "kps")
+
+
+@dataclass
+class BranchConfig:
+    """One stage-1 backbone: how it is trained, and its share of the processes."""
+
+    loss: str = opt("ce", choices=list(LOSSES), doc="its loss (losses.py: LOSSES)")
+    head: str = opt("linear", choices=list(HEADS), doc="its classifier head; kps and ldam need cosine")
+    sampler: str = opt(
+        "instance",
+        choices=list(SAMPLERS),
+        doc="instance: every image once an epoch; class_balanced: classes equally likely; sqrt: a class "
+        "as likely as the square root of its count",
+    )
+    mixup: bool = opt(True, doc="mixup (stage1.mixup_alpha) on its batches")
+    drw: bool = opt(
+        False, doc="deferred re-weighting: class-balanced loss weights from stage1.drw_from (ce, focal, ldam)"
+    )
+    processes: int | None = opt(
+        None, ge=1, doc="its stage-1 processes; null: an even share of those the other branches leave"
+    )
+
+    def validate(self, prefix: str) -> None:
+        if self.loss in MARGIN_LOSSES and self.head != "cosine":
+            raise ConfigError(
+                f"{prefix}head: loss {self.loss} puts its margin on cosine logits, so it needs head cosine, "
+                f"got {self.head}"
+            )
+        if self.drw and self.loss not in REWEIGHTABLE_LOSSES:
+            raise ConfigError(
+                f"{prefix}drw: deferred re-weighting applies to the losses {', '.join(REWEIGHTABLE_LOSSES)}, "
+                f"not to {self.loss}"
+            )
+
+
+def describe_branch(branch: BranchConfig) -> str:
+    """'kps loss, cosine head' and what differs from instance sampling with mixup."""
+    parts = [f"{branch.loss} loss", f"{branch.head} head"]
+    parts += [f"{branch.sampler} sampler"] if branch.sampler != "instance" else []
+    parts += ["DRW"] if branch.drw else []
+    parts += [] if branch.mixup else ["no mixup"]
+    return ", ".join(parts)
+
+
+def paper_branches() -> dict[str, BranchConfig]:
+    """The paper's pair: cross-entropy on a linear head, KPS on a cosine head."""
+    return {"ce": BranchConfig(loss="ce", head="linear"), "kps": BranchConfig(loss="kps", head="cosine")}
+
+
+def _check_branches(branches: dict[str, BranchConfig]) -> None:
+    if tuple(branches) != BRANCH_NAMES:
+        raise ConfigError(
+            f"branches: this release trains the two branches {' and '.join(BRANCH_NAMES)}, in that order "
+            "(each with its own loss, head, sampler, mixup and processes); "
+            f"got {', '.join(branches) or 'none'}"
+        )
 
 
 @dataclass
@@ -333,10 +411,19 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    branches: dict[str, BranchConfig] = field(
+        default_factory=paper_branches,
+        metadata={
+            "doc": "the stage-1 backbones by name, in rank order (when a file lists none: the paper's pair)"
+        },
+    )
     stage2: Stage2Config = field(default_factory=Stage2Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check_branches(self.branches)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -398,11 +485,48 @@ def _check_range(value, meta: dict, key: str) -> None:
         "ge": (">=", lambda b: value >= b),
         "gt": (">", lambda b: value > b),
         "le": ("<=", lambda b: value <= b),
+        "lt": ("<", lambda b: value < b),
     }
     for name, (op, holds) in tests.items():
         bound = meta.get(name)
         if bound is not None and isinstance(value, (int, float)) and not holds(bound):
             raise ConfigError(f"{key}: got {value!r}, expected a value {op} {bound}")
+
+
+# Keys an earlier release had, and where their setting is now.
+MOVED = {
+    "dist.kps_ranks": "branches.kps.processes",
+    "stage1.scale_lr": "stage1.lr_reference_batch (the linear scaling rule, explicit)",
+}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _section_map(tp):
+    """The settings class of a `dict[str, Settings]` field (`branches`), else None."""
+    if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _build_map(inner, given, key: str) -> dict:
+    """A named section of settings per entry: `branches: {ce: {...}, kps: {...}}`."""
+    if not isinstance(given, dict) or not given:
+        raise ConfigError(f"{key}: expected a mapping of name: settings, got {given!r}")
+    built = {}
+    for name, body in given.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{key}: names are lower-case letters, digits and _, got {name!r}")
+        built[name] = _build(inner, body or {}, f"{key}.{name}.")
+    return built
+
+
+def _unknown_key(prefix: str, key, fields) -> ConfigError:
+    moved = MOVED.get(f"{prefix}{key}")
+    if moved:
+        return ConfigError(f"{prefix}{key}: no longer a setting; it is now {moved}")
+    near = difflib.get_close_matches(str(key), fields, n=1)
+    hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+    return ConfigError(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(fields)}")
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -412,15 +536,16 @@ def _build(cls, raw: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(fields)}")
+            raise _unknown_key(prefix, key, fields)
     values = {}
     for name, f in fields.items():
         key = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, raw.get(name, {}) or {}, key + ".")
+        elif _section_map(tp):
+            given = raw[name] if name in raw else _as_raw(f.default_factory())
+            values[name] = _build_map(_section_map(tp), given, key)
         elif name in raw:
             values[name] = _coerce(raw[name], tp, key)
             _check_range(values[name], f.metadata, key)
@@ -429,7 +554,7 @@ def _build(cls, raw: dict, prefix: str):
                     _check_range(item, f.metadata, f"{key}[{i}]")
     obj = cls(**values)
     for name in fields:  # defaults in their declared types too ([160, 180] as floats)
-        if name not in raw and not dataclasses.is_dataclass(hints[name]):
+        if name not in raw and not dataclasses.is_dataclass(hints[name]) and not _section_map(hints[name]):
             setattr(obj, name, _coerce(getattr(obj, name), hints[name], prefix + name))
     if hasattr(obj, "validate"):
         obj.validate(prefix)
@@ -483,6 +608,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {raw!r}")
+    # A file that lists no branches trains the paper's pair, which overrides then change.
+    raw.setdefault("branches", _as_raw(paper_branches()))
+    _migrate(raw)
     for text in overrides:
         _apply_override(raw, *parse_override(text))
     try:
@@ -496,7 +626,9 @@ def _allowed(tp, meta: dict) -> str:
     if meta.get("choices"):
         return ", ".join(map(str, _choices(meta)))
     bounds = [
-        f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None
+        f"{op} {meta[k]}"
+        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if meta.get(k) is not None
     ]
     return " and ".join([_type_name(tp), *bounds]) if bounds else _type_name(tp)
 
@@ -518,6 +650,10 @@ def describe_settings(cfg: Config | None = None) -> list[dict]:
             value = getattr(node, f.name)
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
+                continue
+            if _section_map(hints[f.name]):
+                for name, section in value.items():
+                    walk(section, f"{prefix}{f.name}.{name}.")
                 continue
             allowed = _allowed(hints[f.name], f.metadata)
             rows.append(
@@ -559,6 +695,22 @@ def with_settings(cfg: Config, settings: dict) -> Config:
     for key, value in settings.items():
         _apply_override(raw, key.split("."), value)
     return _build(Config, raw, "")
+
+
+def _migrate(raw: dict) -> None:
+    """A file of an earlier release (a run's frozen config) read as this one: its
+    `dist.kps_ranks` is the KPS branch's processes. (An override of it is refused: MOVED.)"""
+    dist = raw.get("dist")
+    if isinstance(dist, dict) and "kps_ranks" in dist:
+        kps_ranks = dist.pop("kps_ranks")
+        kps = raw["branches"].get("kps") if isinstance(raw["branches"], dict) else None
+        if kps_ranks is not None and isinstance(kps, dict):
+            kps["processes"] = kps_ranks
+
+
+def _as_raw(sections: dict) -> dict:
+    """Named settings sections as the mappings a YAML file holds."""
+    return {name: dataclasses.asdict(body) for name, body in sections.items()}
 
 
 def config_to_dict(cfg: Config) -> dict:

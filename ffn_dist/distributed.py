@@ -1,8 +1,8 @@
 """World and branch process groups, and averaging a model's buffers over a group.
 
-FFN's stage 1 trains two backbones (CE and KPS) at once: the world is split into two
-process groups, one per branch, each data-parallel on its own. With one process both
-branches train in it, one after the other. Which GPU each rank uses and which backend each
+FFN's stage 1 trains its branches' backbones at once: the world is split into one process
+group per branch (`branches` of the config), each data-parallel on its own. With one process
+every branch trains in it, one after the other. Which GPU each rank uses and which backend each
 group gets is decided in `layout` (NCCL where a group's ranks hold distinct GPUs, gloo
 otherwise); the world itself is on gloo, so processes may share GPUs.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ffn_dist.errors import FFNError
-from ffn_dist.layout import BRANCHES, Placement, gpu_for, plan_groups
+from ffn_dist.layout import Placement, branch_shares, gpu_for, plan_groups
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,14 @@ def world_placements(world: World) -> list[Placement]:
     return everyone
 
 
-def make_branches(world: World, dist_cfg) -> list[Branch]:
+def make_branches(world: World, cfg) -> list[Branch]:
     """The branches this rank trains. Every rank creates every group, in the same order."""
-    plans = plan_groups(world_placements(world), dist_cfg.kps_ranks, dist_cfg.engine)
-    groups = {name: dist.new_group(list(plans[name].ranks), backend=plans[name].backend) for name in BRANCHES}
+    plans = plan_groups(world_placements(world), branch_shares(cfg), cfg.dist.engine)
+    groups = {name: dist.new_group(list(plan.ranks), backend=plan.backend) for name, plan in plans.items()}
     return [
-        Branch(name, plans[name].ranks, groups[name], plans[name].ranks.index(world.rank))
-        for name in BRANCHES
-        if world.rank in plans[name].ranks
+        Branch(name, plan.ranks, groups[name], plan.ranks.index(world.rank))
+        for name, plan in plans.items()
+        if world.rank in plan.ranks
     ]
 
 

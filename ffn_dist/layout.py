@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 from ffn_dist.errors import FFNError
 
-BRANCHES = ("ce", "kps")
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -57,17 +55,40 @@ def planned_placements(nodes: int, procs_per_node: int, gpus_per_node: int) -> l
     ]
 
 
-def branch_ranks(world_size: int, kps_ranks: int | None) -> dict[str, tuple[int, ...]]:
-    """KPS gets the last `kps_ranks` ranks (default half), CE the rest; one process: both."""
+def branch_shares(cfg) -> dict[str, int | None]:
+    """Each branch's processes as the config sets them (`branches.NAME.processes`), in rank order."""
+    return {name: branch.processes for name, branch in cfg.branches.items()}
+
+
+def branch_ranks(world_size: int, shares: dict[str, int | None]) -> dict[str, tuple[int, ...]]:
+    """Consecutive ranks for each branch, in order: a set count as it is, the ranks left split
+    evenly over the others (the earlier ones one more where they do not divide); one process
+    trains every branch."""
     if world_size == 1:
-        return {"ce": (0,), "kps": (0,)}
-    kps = world_size // 2 if kps_ranks is None else kps_ranks
-    if not 1 <= kps <= world_size - 1:
+        return {name: (0,) for name in shares}
+    names = ", ".join(shares)
+    if world_size < len(shares):
         raise FFNError(
-            f"dist.kps_ranks: got {kps_ranks} with {world_size} processes; each branch needs "
-            f"at least one rank, so expected 1..{world_size - 1}"
+            f"dist.nproc: {world_size} processes for {len(shares)} branches ({names}); each branch needs its "
+            "own processes, so expected at least one a branch (or 1, which trains them in turn)"
         )
-    return {"ce": tuple(range(world_size - kps)), "kps": tuple(range(world_size - kps, world_size))}
+    free = [name for name, count in shares.items() if count is None]
+    left = world_size - sum(count for count in shares.values() if count is not None)
+    set_counts = ", ".join(f"branches.{n}.processes={c}" for n, c in shares.items() if c is not None)
+    if (free and left < len(free)) or (not free and left != 0):
+        need = f"{len(free)} more for {', '.join(free)}" if free else "exactly these"
+        raise FFNError(
+            f"{set_counts}: with {world_size} processes, {left} left ({need}); set them to leave "
+            f"each branch at least one rank and to sum to the processes (dist.nproc, or SLURM tasks)"
+        )
+    counts = {name: count for name, count in shares.items()}
+    for i, name in enumerate(free):
+        counts[name] = left // len(free) + (1 if i < left % len(free) else 0)
+    ranks, start = {}, 0
+    for name, count in counts.items():
+        ranks[name] = tuple(range(start, start + count))
+        start += count
+    return ranks
 
 
 @dataclass(frozen=True)
@@ -105,9 +126,9 @@ def _accumulation(global_batch: int, ranks: int, accumulation: int | None, max_m
     return next(fits)
 
 
-def _splits(global_batch, world_size, kps_ranks, accumulation, max_micro) -> dict[str, BatchSplit] | None:
+def _splits(global_batch, world_size, shares, accumulation, max_micro) -> dict[str, BatchSplit] | None:
     splits = {}
-    for name, ranks in branch_ranks(world_size, kps_ranks).items():
+    for name, ranks in branch_ranks(world_size, shares).items():
         steps = _accumulation(global_batch, len(ranks), accumulation, max_micro)
         if steps is None:
             return None
@@ -115,14 +136,14 @@ def _splits(global_batch, world_size, kps_ranks, accumulation, max_micro) -> dic
     return splits
 
 
-def _layouts_that_keep(global_batch, kps_ranks, accumulation, max_micro, shown: int = 10) -> list[int]:
+def _layouts_that_keep(global_batch, shares, accumulation, max_micro, shown: int = 10) -> list[int]:
     """The first `shown` process counts (up to two per image of the batch) that keep the recipe."""
     counts = []
-    for n in range(1, 2 * global_batch + 1):
+    for n in range(1, len(shares) * global_batch + 1):
         try:
-            if _splits(global_batch, n, kps_ranks, accumulation, max_micro) is not None:
+            if _splits(global_batch, n, shares, accumulation, max_micro) is not None:
                 counts.append(n)
-        except FFNError:  # too few processes for an explicit dist.kps_ranks
+        except FFNError:  # a count the branches' processes do not fit
             continue
         if len(counts) == shown:
             break
@@ -131,23 +152,27 @@ def _layouts_that_keep(global_batch, kps_ranks, accumulation, max_micro, shown: 
 
 def split_batches(cfg, world_size: int) -> dict[str, BatchSplit]:
     """Each branch's `BatchSplit` on `world_size` processes, from the config's recipe
-    (`data.batch_size`, `stage1.accumulation`, `stage1.max_micro_batch`, `dist.kps_ranks`);
-    refuses a layout that would change the recipe, naming the process counts that keep it."""
-    recipe = (cfg.data.batch_size, cfg.dist.kps_ranks, cfg.stage1.accumulation, cfg.stage1.max_micro_batch)
-    global_batch, kps_ranks, accumulation, max_micro = recipe
-    splits = _splits(global_batch, world_size, kps_ranks, accumulation, max_micro)
+    (`data.batch_size`, `stage1.accumulation`, `stage1.max_micro_batch`, the branches'
+    processes); refuses a layout that would change the recipe, naming the process counts that
+    keep it."""
+    shares = branch_shares(cfg)
+    recipe = (cfg.data.batch_size, shares, cfg.stage1.accumulation, cfg.stage1.max_micro_batch)
+    global_batch, _, accumulation, max_micro = recipe
+    splits = _splits(global_batch, world_size, shares, accumulation, max_micro)
     if splits is not None:
         return splits
-    ranks = {name: len(r) for name, r in branch_ranks(world_size, kps_ranks).items()}
+    ranks = {name: len(r) for name, r in branch_ranks(world_size, shares).items()}
     groups = " and ".join(f"{n} {name.upper()}" for name, n in ranks.items())
     steps = f" x stage1.accumulation={accumulation} micro-batches" if (accumulation or 1) > 1 else ""
     keep = _layouts_that_keep(*recipe)
     listed = ", ".join(map(str, keep)) + (", ..." if len(keep) == 10 else "")
-    fixed = f" with dist.kps_ranks={kps_ranks}" if kps_ranks is not None else ""
+    fixed = ", ".join(f"branches.{n}.processes={c}" for n, c in shares.items() if c is not None)
+    fixed = f" with {fixed}" if fixed else ""
     raise FFNError(
         f"data.batch_size: the recipe's global batch of {global_batch} a branch does not split evenly "
         f"over {world_size} process(es) ({groups} rank(s){steps}), and a different batch would change the "
-        f"recipe; process counts (dist.nproc, or SLURM tasks) that keep it{fixed}: {listed}"
+        f"recipe; process counts (dist.nproc, or SLURM tasks) that keep it{fixed}: "
+        f"{listed}"
     )
 
 
@@ -168,10 +193,13 @@ def _sharing(ranks: tuple[int, ...], members: tuple[Placement, ...]) -> str:
     return ""
 
 
-def plan_groups(placements: list[Placement], kps_ranks: int | None, engine: str) -> dict[str, GroupPlan]:
-    """Each branch's ranks and backend; refuses a layout that cannot work, saying what would."""
+def plan_groups(
+    placements: list[Placement], shares: dict[str, int | None], engine: str
+) -> dict[str, GroupPlan]:
+    """Each branch's ranks and backend (`shares`: `branch_shares`); refuses a layout that
+    cannot work, saying what would."""
     plans = {}
-    for name, ranks in branch_ranks(len(placements), kps_ranks).items():
+    for name, ranks in branch_ranks(len(placements), shares).items():
         members = tuple(placements[r] for r in ranks)
         backend = group_backend(list(members))
         if len(members) == 1 and engine == "ddp":

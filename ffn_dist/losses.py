@@ -23,6 +23,11 @@ KPS_LOG_BASE = 50.0  # r_c = log(50 n_c / n_min) / log(50)
 KPS_MAX_SCALE = 50.0  # the per-class ("GA") scale is clamped to [s, 50]
 CB_BETA = 0.9999
 
+# The stage-1 losses a branch can train with (branches.NAME.loss).
+LOSSES = ("ce", "kps", "ldam", "balanced_softmax", "focal", "class_balanced_ce", "logit_adjusted")
+MARGIN_LOSSES = ("kps", "ldam")  # margins on cosine logits, each with its own scale s
+REWEIGHTABLE_LOSSES = ("ce", "focal", "ldam")  # class weights that deferred re-weighting sets
+
 
 def as_class_counts(class_counts) -> torch.Tensor:
     """Validate training counts per class: a non-empty 1-D sequence of integers >= 1."""
@@ -105,6 +110,7 @@ class _MixupLoss(nn.Module):
 
     num_classes: int
     checks_labels = True
+    input_scale = 1.0  # logits are multiplied by this first (cosines under a loss with no scale)
 
     def trusting_labels(self):
         """This loss without its per-step label check, for labels validated where they were
@@ -131,7 +137,7 @@ class _MixupLoss(nn.Module):
             check_labels(labels, self.num_classes)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # margins of a few hundredths need more than bf16's 8 bits
-        return logits
+        return logits * self.input_scale if self.input_scale != 1.0 else logits
 
 
 class CELoss(_MixupLoss):
@@ -146,6 +152,41 @@ class CELoss(_MixupLoss):
 
     def single(self, logits, labels):
         return F.cross_entropy(logits, labels, weight=_match(self.weight, logits))
+
+
+class FocalLoss(_MixupLoss):
+    """Focal loss (Lin et al. 2017): -w_y (1 - p_y)^gamma log p_y, averaged with the class
+    weights as cross-entropy averages them (gamma 0: cross-entropy)."""
+
+    def __init__(self, num_classes: int, gamma: float, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.num_classes, self.gamma = num_classes, gamma
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
+        )
+
+    def single(self, logits, labels):
+        nll = F.cross_entropy(logits, labels, reduction="none")
+        focal = (1.0 - torch.exp(-nll)).pow(self.gamma) * nll
+        if self.weight is None:
+            return focal.mean()
+        w = _match(self.weight, logits)[labels]
+        return (w * focal).sum() / w.sum()
+
+
+class LogitAdjustedLoss(_MixupLoss):
+    """Logit-adjusted cross-entropy (Menon et al. 2021): CE on logits + tau log pi_y, pi the
+    training prior; tau 1 is Balanced Softmax (Ren et al. 2020), whose log n_y differs from
+    log pi_y by a constant. Predictions use the plain logits."""
+
+    def __init__(self, class_counts, tau: float = 1.0):
+        super().__init__()
+        counts = as_class_counts(class_counts)
+        self.num_classes = len(counts)
+        self.register_buffer("adjustment", tau * torch.log(counts / counts.sum()))
+
+    def single(self, logits, labels):
+        return F.cross_entropy(logits + _match(self.adjustment, logits), labels)
 
 
 class KPSLoss(_MixupLoss):
@@ -202,3 +243,40 @@ def _minus_target_margin(logits: torch.Tensor, labels: torch.Tensor, margins: to
 def _match(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """The buffer (kept in float64) in the logits' dtype."""
     return None if buffer is None else buffer.to(like.dtype)
+
+
+def build_loss(name: str, class_counts, params, head: str) -> _MixupLoss:
+    """Loss `name` of LOSSES for a branch with `head`, its parameters read from `params`
+    (the stage-1 settings: kps_max_m, kps_s, ldam_max_m, ldam_s, focal_gamma,
+    class_balanced_beta, logit_adjusted_tau, cosine_s). KPS starts with its single scale;
+    the trainer switches its per-class scales and deferred re-weighting at their epochs."""
+    num_classes = len(as_class_counts(class_counts))
+    if name == "ce":
+        loss = CELoss(num_classes)
+    elif name == "kps":
+        loss = KPSLoss(class_counts, max_m=params.kps_max_m, s=params.kps_s)
+    elif name == "ldam":
+        loss = LDAMLoss(class_counts, max_m=params.ldam_max_m, s=params.ldam_s)
+    elif name == "focal":
+        loss = FocalLoss(num_classes, params.focal_gamma)
+    elif name == "class_balanced_ce":
+        loss = CELoss(num_classes, weight=class_balanced_weights(class_counts, params.class_balanced_beta))
+    elif name in ("balanced_softmax", "logit_adjusted"):
+        loss = LogitAdjustedLoss(
+            class_counts, 1.0 if name == "balanced_softmax" else params.logit_adjusted_tau
+        )
+    else:
+        raise FFNError(f"loss {name!r}: expected one of {', '.join(LOSSES)}")
+    if head == "cosine" and name not in MARGIN_LOSSES:
+        loss.input_scale = params.cosine_s
+    return loss
+
+
+def probability_scale(name: str, head: str, params) -> float:
+    """A branch's probabilities are softmax(scale * head logits): a margin loss's s, the
+    cosine scale for cosines under another loss, 1 for a linear head."""
+    if name == "kps":
+        return params.kps_s
+    if name == "ldam":
+        return params.ldam_s
+    return params.cosine_s if head == "cosine" else 1.0

@@ -32,7 +32,7 @@ from pathlib import Path
 from ffn_dist.checkpoint import interrupted_path
 from ffn_dist.config import Config, with_settings
 from ffn_dist.data.dataset import open_dataset
-from ffn_dist.distributed import BRANCHES, peak_memory_gb, visible_gpus
+from ffn_dist.distributed import peak_memory_gb, visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
 from ffn_dist.launchers.slurm import tasks_per_node
@@ -42,6 +42,7 @@ from ffn_dist.run.history import config_id, freeze_config
 from ffn_dist.run.paths import branch_dir, plan_path, tensorboard_dir
 from ffn_dist.run.stages import STAGES, describe_changes, flatten
 from ffn_dist.stopping import run_group
+from ffn_dist.torchrun import command as torchrun_command
 
 WARMUP_STEPS = 3  # steps whose time is start-up (first allocations, loader start), not a step's
 FORWARD_SHARE = 1 / 3  # a forward pass per image, as a share of a training step's (backward ~ 2x)
@@ -74,11 +75,37 @@ def probe_processes(cfg: Config, target: int) -> int:
     gpus = visible_gpus()
     for count in range(min(target, gpus) if gpus else target, 0, -1):
         try:
-            split_batches(with_settings(cfg, {"dist.nproc": count, "dist.kps_ranks": None}), count)
+            split_batches(on_processes(cfg, count), count)
             return count
         except FFNError:
             continue
     return 1
+
+
+def on_processes(cfg: Config, count: int, more: dict | None = None) -> Config:
+    """`cfg` on `count` processes, shared evenly by its branches (and `more` settings)."""
+    even = {f"branches.{name}.processes": None for name in cfg.branches}
+    return with_settings(cfg, {"dist.nproc": count, **even, **(more or {})})
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the plan scales by: images a split, the embedding's size, and each branch's
+    processes in the run (`target`) and in the probe."""
+
+    rows: dict[str, int]
+    dims: int
+    target: dict[str, int]
+    probe: dict[str, int]
+
+
+def run_shape(cfg: Config, target: int, processes: int) -> RunShape:
+    from ffn_dist.models.backbones import build_backbone
+
+    rows = {name: len(split) for name, split in open_dataset(cfg.data).splits().items()}
+    probe_sizes = branch_sizes(on_processes(cfg, processes), processes)
+    dims = build_backbone(cfg.model.arch).embedding_dim
+    return RunShape(rows, dims, branch_sizes(cfg, target), probe_sizes)
 
 
 def branch_sizes(cfg: Config, processes: int) -> dict[str, int]:
@@ -112,13 +139,9 @@ def _scalars(directory: Path, tag: str) -> list:
 def probe_stage1(cfg: Config, processes: int, steps: int, scratch: Path) -> dict:
     """`steps` steps of each branch under torchrun in `scratch`; per branch the step times
     (from each step's TensorBoard wall time), the checkpoint it stopped with, and the peak memory."""
-    probe = with_settings(
-        cfg,
-        {"output_dir": str(scratch), "stage1.log_every": 1, "dist.nproc": processes, "dist.kps_ranks": None},
-    )
+    probe = on_processes(cfg, processes, {"output_dir": str(scratch), "stage1.log_every": 1})
     config = freeze_config(probe)
-    command = [sys.executable, "-m", "ffn_dist.torchrun", "--standalone", f"--nproc-per-node={processes}"]
-    command += ["-m", "ffn_dist.cli", "train-backbones", str(config), "--max-steps", str(steps)]
+    command = torchrun_command(processes, "train-backbones", str(config), "--max-steps", str(steps))
     print(
         f"probe: stage 1, {steps} steps a branch on {processes} process(es): {' '.join(command[2:])}",
         flush=True,
@@ -128,7 +151,7 @@ def probe_stage1(cfg: Config, processes: int, steps: int, scratch: Path) -> dict
         command, stdout=sys.stderr
     )  # exits 3 (stopped, checkpointed) when it ran its steps: judged by its log
     measured = {}
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         walls = [event.wall_time for event in _scalars(tensorboard_dir(probe, branch), f"{branch}/loss")]
         if len(walls) < 2:
             continue  # one process: the branches train in turn, and the probe stops after the first
@@ -182,7 +205,7 @@ def run_probe(cfg: Config, processes: int, steps: int, dims: int, train_rows: in
         epoch_s, classifier_memory = probe_classifier(cfg, train_rows, dims, scratch)
     notes = []
     first = next(iter(measured.values()))
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         if branch not in measured:
             measured[branch] = first
             notes.append(
@@ -192,9 +215,9 @@ def run_probe(cfg: Config, processes: int, steps: int, dims: int, train_rows: in
         processes=processes,
         device="cuda" if visible_gpus() else "cpu",
         steps=min(m["steps"] for m in measured.values()),
-        step_s={b: measured[b]["step_s"] for b in BRANCHES},
+        step_s={b: measured[b]["step_s"] for b in cfg.branches},
         startup_s=max(m["startup_s"] for m in measured.values()),
-        checkpoint_bytes={b: measured[b]["checkpoint_bytes"] for b in BRANCHES},
+        checkpoint_bytes={b: measured[b]["checkpoint_bytes"] for b in cfg.branches},
         peak_memory_gb=max(m["peak_memory_gb"] for m in measured.values()),
         data_s=data_s,
         classifier_epoch_s=epoch_s,
@@ -209,11 +232,11 @@ def _evaluations(cfg: Config) -> int:
     return sum(1 for epoch in range(1, s1.epochs + 1) if epoch % s1.eval_every == 0 or epoch == s1.epochs)
 
 
-def predict(cfg: Config, probe: Probe, sizes: dict, dp_efficiency: float) -> dict:
+def predict(cfg: Config, probe: Probe, shape: RunShape, dp_efficiency: float) -> dict:
     """Per stage: wall seconds, GPU-hours, peak memory per process, bytes on disk, and how
     each figure was reached."""
-    dataset = open_dataset(cfg.data)
-    n = {name: len(split) for name, split in dataset.splits().items()}
+    n, dims = shape.rows, shape.dims
+    sizes = {"target": shape.target, "probe": shape.probe}
     batch, s1, s2 = cfg.data.batch_size, cfg.stage1, cfg.stage2
     target, gpus = target_processes(cfg), target_gpus(cfg)
     shared = target == 1  # one process trains the branches in turn
@@ -221,23 +244,22 @@ def predict(cfg: Config, probe: Probe, sizes: dict, dp_efficiency: float) -> dic
     # a process's seconds per training image, measured on the probe's share of the batch and
     # taken at the efficiency assumed where the target's count differs
     per_image = {}
-    for b in BRANCHES:
+    for b in cfg.branches:
         efficiency = 1.0 if sizes["target"][b] == sizes["probe"][b] else dp_efficiency
         per_image[b] = probe.step_s[b] * sizes["probe"][b] / batch / efficiency
-    step_s = {b: per_image[b] * batch / sizes["target"][b] for b in BRANCHES}
-    forward_s = {b: FORWARD_SHARE * per_image[b] for b in BRANCHES}
+    step_s = {b: per_image[b] * batch / sizes["target"][b] for b in cfg.branches}
+    forward_s = {b: FORWARD_SHARE * per_image[b] for b in cfg.branches}
     evals = _evaluations(cfg)
     branch_s = {
         b: s1.epochs * steps_per_epoch * step_s[b] + evals * n["test"] / sizes["target"][b] * forward_s[b]
-        for b in BRANCHES
+        for b in cfg.branches
     }
     stage1_s = probe.startup_s + (sum(branch_s.values()) if shared else max(branch_s.values()))
     cache_rows = n["train"] * cfg.cache.train_views + n.get("val", 0) + n["test"]
     cache_s = probe.startup_s + cache_rows / target * sum(forward_s.values())  # both backbones a row
     fits = _fits(cfg, "val" in n)
     classifier_s = fits * s2.epochs * probe.classifier_epoch_s
-    dims = _dims(cfg)
-    stored = 1 if cfg.cache.store == "fused" else len(BRANCHES)
+    stored = 1 if cfg.cache.store == "fused" else len(cfg.branches)
     train_bytes = (
         n["train"] * cfg.cache.train_views * (stored * dims * STORED_BYTES[cfg.cache.dtype] + ROW_BYTES)
     )
@@ -254,11 +276,11 @@ def predict(cfg: Config, probe: Probe, sizes: dict, dp_efficiency: float) -> dic
             probe.peak_memory_gb,
             checkpoint_bytes,
             f"{s1.epochs} epochs x {steps_per_epoch} steps a branch at "
-            + ", ".join(f"{b} {step_s[b]:.3g} s" for b in BRANCHES)
+            + ", ".join(f"{b} {step_s[b]:.3g} s" for b in cfg.branches)
             + f" a step ({'in turn' if shared else 'concurrently'}, on {on}); "
             f"{evals} test evaluations of {n['test']} images; start-up {probe.startup_s:.0f} s; "
             f"checkpoints: {kept} kept a branch of "
-            + ", ".join(f"{b} {probe.checkpoint_bytes[b] / 1e6:.1f} MB" for b in BRANCHES),
+            + ", ".join(f"{b} {probe.checkpoint_bytes[b] / 1e6:.1f} MB" for b in cfg.branches),
         ),
         "cache": _figures(
             cache_s,
@@ -290,7 +312,7 @@ def predict(cfg: Config, probe: Probe, sizes: dict, dp_efficiency: float) -> dic
         f"the classifier's epochs timed on {min(n['train'], CLASSIFIER_ROWS)} synthetic rows, linear in rows",
         *probe.notes,
     ]
-    if any(sizes["target"][b] != sizes["probe"][b] for b in BRANCHES):
+    if any(sizes["target"][b] != sizes["probe"][b] for b in cfg.branches):
         extrapolated.append(
             f"{target} processes from {probe.processes}: per-process speed x {dp_efficiency:g} "
             "(data-parallel efficiency)"
@@ -331,12 +353,6 @@ def _fits(cfg: Config, has_val: bool) -> int:
     return len(candidates(cfg, selection_split(cfg, has_val)))
 
 
-def _dims(cfg: Config) -> int:
-    from ffn_dist.models.backbones import build_backbone
-
-    return build_backbone(cfg.model.arch).embedding_dim
-
-
 def _planned_settings(cfg: Config) -> dict:
     """What the plan depends on: every setting but SLURM's (whose time limits it sets)."""
     return {
@@ -356,11 +372,9 @@ def plan(cfg: Config, processes: int | None = None, steps: int = 10, dp_efficien
     target = target_processes(cfg)
     split_batches(cfg, target)  # a layout that cannot keep the recipe is refused before measuring
     processes = processes or probe_processes(cfg, target)
-    probe_cfg = with_settings(cfg, {"dist.nproc": processes, "dist.kps_ranks": None})
-    sizes = {"target": branch_sizes(cfg, target), "probe": branch_sizes(probe_cfg, processes)}
-    dataset = open_dataset(cfg.data)
-    probe = run_probe(cfg, processes, steps, _dims(cfg), len(dataset.train))
-    result = predict(cfg, probe, sizes, dp_efficiency)
+    shape = run_shape(cfg, target, processes)
+    probe = run_probe(cfg, processes, steps, shape.dims, shape.rows["train"])
+    result = predict(cfg, probe, shape, dp_efficiency)
     write_json(plan_path(cfg), result)
     return result
 

@@ -12,6 +12,13 @@ import os
 import sys
 
 
+def command(nproc: int, *ffn_args: str) -> list[str]:
+    """The argument list that runs `ffn FFN_ARGS...` on `nproc` processes of this machine
+    through `main` (no shell: nothing is interpolated)."""
+    launcher = [sys.executable, "-m", "ffn_dist.torchrun", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, "-m", "ffn_dist.cli", *ffn_args]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # read when torch's elastic loggers are made
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

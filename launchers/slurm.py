@@ -33,7 +33,7 @@ from pathlib import Path
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
-from ffn_dist.layout import describe_groups, plan_groups, planned_placements, split_batches
+from ffn_dist.layout import branch_shares, describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config
 from ffn_dist.run.paths import report_dir, run_dir, slurm_dir
 from ffn_dist.run.stages import STAGES, Stage, run_stage, start_run
@@ -128,7 +128,7 @@ def stage1_groups(cfg: Config) -> tuple[dict, dict]:
     refuses a layout that cannot work or would change the recipe."""
     launch = cfg.launch
     placements = planned_placements(launch.nodes, tasks_per_node(cfg), launch.gpus_per_node)
-    return plan_groups(placements, cfg.dist.kps_ranks, cfg.dist.engine), split_batches(cfg, len(placements))
+    return plan_groups(placements, branch_shares(cfg), cfg.dist.engine), split_batches(cfg, len(placements))
 
 
 def job_resources(cfg: Config, stages: tuple[Stage, ...]) -> dict:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ffn_dist.config import ConfigError, load_config, save_config
+from ffn_dist.config import ConfigError, describe_settings, load_config, save_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
@@ -93,6 +93,21 @@ def test_unknown_override_suggests_nearest():
         ("dist.zero_stage=3", r"dist\.zero_stage: got 3, expected a value <= 2"),
         ("data=3", r"data: expected a mapping"),
         ("stage2.w1=0.7", r"stage2\.w1 \+ stage2\.w2: the fusion weights must sum to 1"),
+        (
+            "branches.kps.loss=arcface",
+            r"branches\.kps\.loss: got 'arcface', allowed values: ce, kps, ldam, balanced_softmax, focal",
+        ),
+        ("branches.ce.head=mlp", r"branches\.ce\.head: got 'mlp', allowed values: linear, cosine"),
+        ("branches.ce.loss=ldam", r"branches\.ce\.head: loss ldam puts its margin on cosine logits"),
+        ("branches.kps.drw=true", r"branches\.kps\.drw: deferred re-weighting applies to .* not to kps"),
+        ("branches.kps.sampler=uniform", r"branches\.kps\.sampler: got 'uniform', allowed values: instance"),
+        ("branches.kps.processes=0", r"branches\.kps\.processes: got 0, expected a value >= 1"),
+        ("branches.bs.loss=balanced_softmax", r"branches: this release trains the two branches ce and kps"),
+        ("branches.Kps.loss=ce", r"branches: names are lower-case letters"),
+        ("branches.ce=3", r"branches\.ce: expected a mapping"),
+        ("branches.kps.margin=0.3", r"branches\.kps\.margin: unknown key"),
+        ("dist.kps_ranks=3", r"dist\.kps_ranks: no longer a setting; it is now branches\.kps\.processes"),
+        ("stage1.class_balanced_beta=1", r"stage1\.class_balanced_beta: got 1.0, expected a value < 1"),
     ],
 )
 def test_bad_values_are_refused_with_key_given_and_allowed(override, pattern):
@@ -164,3 +179,23 @@ def test_show_config_explain_and_version(tmp_path):
     assert explained + "    allowed: float and > 0.0" in shown.stdout
     version = run_ffn("--version")
     assert version.returncode == 0 and version.stdout.strip().startswith("ffn-dist ")
+
+
+def test_branches_are_settings_each_and_a_file_without_them_trains_the_papers_pair(tmp_path):
+    cfg = load_config("demo", ["branches.kps.loss=balanced_softmax", "branches.ce.sampler=sqrt"])
+    assert list(cfg.branches) == ["ce", "kps"]
+    assert (cfg.branches["kps"].loss, cfg.branches["kps"].head) == ("balanced_softmax", "cosine")
+    assert (cfg.branches["ce"].loss, cfg.branches["ce"].sampler) == ("ce", "sqrt")
+    bare = load_config(write(tmp_path, "stage1:\n  epochs: 3\n"), ["branches.kps.processes=3"])
+    assert {n: (b.loss, b.head, b.processes) for n, b in bare.branches.items()} == {
+        "ce": ("ce", "linear", None),
+        "kps": ("kps", "cosine", 3),
+    }
+    rows = {row["key"]: row for row in describe_settings(cfg)}
+    assert rows["branches.kps.loss"]["value"] == "balanced_softmax"
+    assert "ldam" in rows["branches.kps.loss"]["allowed"]
+
+
+def test_a_file_of_an_earlier_release_reads_its_kps_ranks_as_the_kps_branchs_processes(tmp_path):
+    assert load_config(write(tmp_path, "dist:\n  kps_ranks: 3\n")).branches["kps"].processes == 3
+    assert load_config(write(tmp_path, "dist:\n  kps_ranks: null\n")).branches["kps"].processes is None

@@ -24,7 +24,7 @@ def test_a_stage1_step_keeps_every_tensor_on_the_models_device(world, tiny_root,
     cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / "run", f"data.backend={backend}"))
     dataset = open_dataset(cfg.data)
     on_meta = World(world.rank, world.size, world.local_rank, META)
-    for branch in make_branches(world, cfg.dist):
+    for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, on_meta, branch, dataset)
         batch = next(iter(trainer.train_loader))  # as the loader delivers it: on the device
         assert batch.images.device == batch.labels.device == META

@@ -46,7 +46,7 @@ def branches_on_meta(world, tiny_root, tmp_path):
     def make(backend):
         cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / backend, f"data.backend={backend}"))
         dataset, on_meta = open_dataset(cfg.data), World(world.rank, world.size, world.local_rank, META)
-        return [BranchTrainer(cfg, on_meta, branch, dataset) for branch in make_branches(world, cfg.dist)]
+        return [BranchTrainer(cfg, on_meta, branch, dataset) for branch in make_branches(world, cfg)]
 
     return make
 

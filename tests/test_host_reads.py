@@ -52,7 +52,7 @@ def test_a_stage1_step_reads_nothing_back(world, tiny_root, tmp_path, engine):
     cfg = load_config(CONFIG, args)
     dataset = open_dataset(cfg.data)
     rng = np.random.default_rng(0)
-    for branch in make_branches(world, cfg.dist):
+    for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, world, branch, dataset)
         if branch.name == "kps":
             trainer.loss.per_class_scale = True  # the GA schedule's per-sample scales too

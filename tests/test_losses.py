@@ -7,7 +7,20 @@ import pytest
 import torch
 
 from ffn_dist.errors import FFNError
-from ffn_dist.losses import CELoss, KPSLoss, LDAMLoss, class_balanced_weights, ldam_margins
+from ffn_dist.losses import (
+    LOSSES,
+    MARGIN_LOSSES,
+    CELoss,
+    FocalLoss,
+    KPSLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+    balanced_softmax_loss,
+    build_loss,
+    class_balanced_weights,
+    ldam_margins,
+    probability_scale,
+)
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -114,8 +127,10 @@ def test_class_balanced_weights_formula():
         lambda c: KPSLoss(c, max_m=0.2),
         lambda c: KPSLoss(c, max_m=0.2, per_class_scale=True),
         lambda c: LDAMLoss(c, weight=class_balanced_weights(c)),
+        lambda c: FocalLoss(len(c), gamma=2.0),
+        lambda c: LogitAdjustedLoss(c),
     ],
-    ids=["ce", "kps", "kps_ga", "ldam_drw"],
+    ids=["ce", "kps", "kps_ga", "ldam_drw", "focal", "logit_adjusted"],
 )
 def test_mixup_targets_and_gradients(make):
     counts = [40, 17, 9, 3, 1]
@@ -205,3 +220,83 @@ def test_labels_outside_the_classes_are_refused(loss):
         loss(torch.zeros(2, 3), (torch.tensor([0, 1]), torch.tensor([-1, 1]), 0.5))
     with pytest.raises(FFNError, match="logits have 4 classes"):
         loss(torch.zeros(2, 4), torch.tensor([0, 1]))
+
+
+def ref_focal(logits, labels, gamma, weight=None):
+    num = den = 0.0
+    for row, y in zip(logits, labels, strict=True):
+        nll = logsumexp(row) - row[y]
+        w = 1.0 if weight is None else weight[y]
+        num += w * (1.0 - math.exp(-nll)) ** gamma * nll
+        den += w
+    return num / den
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_matches_the_formula_and_is_cross_entropy_at_gamma_0(weighted):
+    counts = CIFAR10_LT
+    logits, labels = random_batch(len(counts), seed=3)
+    logits = logits * 4
+    weight = class_balanced_weights(counts) if weighted else None
+    ref_weight = None if weight is None else weight.double().tolist()
+    focal = FocalLoss(len(counts), gamma=2.0, weight=weight).double()
+    assert float(focal(logits, labels)) == pytest.approx(
+        ref_focal(logits.tolist(), labels.tolist(), 2.0, ref_weight), rel=1e-10
+    )
+    as_ce = FocalLoss(len(counts), gamma=0.0, weight=weight).double()(logits, labels)
+    assert float(as_ce) == pytest.approx(float(CELoss(len(counts), weight=weight).double()(logits, labels)))
+
+
+def test_logit_adjusted_loss_at_tau_1_is_balanced_softmax():
+    counts = COUNT_SETS["imagenet_lt_unsorted"]
+    logits, labels = random_batch(len(counts), seed=4)
+    log_prior = np.log(np.asarray(counts, dtype=np.float64) / sum(counts))
+    expected = ref_ce((logits.numpy() + 0.7 * log_prior).tolist(), labels.tolist())
+    assert float(LogitAdjustedLoss(counts, tau=0.7).double()(logits, labels)) == pytest.approx(
+        expected, rel=1e-10
+    )
+    log_counts = torch.log(torch.as_tensor(counts, dtype=torch.float64))
+    assert float(LogitAdjustedLoss(counts, tau=1.0).double()(logits, labels)) == pytest.approx(
+        float(balanced_softmax_loss(logits, labels, log_counts)), rel=1e-10
+    )
+
+
+class _Params:
+    kps_max_m, kps_s, ldam_max_m, ldam_s = 0.2, 15.0, 0.5, 30.0
+    focal_gamma, class_balanced_beta, logit_adjusted_tau, cosine_s = 2.0, 0.999, 0.5, 16.0
+
+
+# every loss on every head it accepts (a margin loss on a linear head: refused, tests/test_config.py)
+LOSS_HEADS = [(n, h) for n in LOSSES for h in ("linear", "cosine") if h == "cosine" or n not in MARGIN_LOSSES]
+
+
+@pytest.mark.parametrize("name, head", LOSS_HEADS)
+def test_every_registered_loss_is_built_as_its_formula_says(name, head):
+    counts = CIFAR10_LT
+    logits, labels = random_batch(len(counts), seed=5)
+    p = _Params()
+    loss = build_loss(name, counts, p, head).double()
+    scale = p.cosine_s if head == "cosine" and name not in MARGIN_LOSSES else 1.0
+    z = (logits * scale).tolist()
+    log_prior = np.log(np.asarray(counts, dtype=np.float64) / sum(counts))
+    expected = {
+        "ce": lambda: ref_ce(z, labels.tolist()),
+        "kps": lambda: ref_kps(logits.tolist(), labels.tolist(), counts, p.kps_max_m, p.kps_s, False),
+        "ldam": lambda: ref_ldam(logits.tolist(), labels.tolist(), counts, p.ldam_max_m, p.ldam_s),
+        "focal": lambda: ref_focal(z, labels.tolist(), p.focal_gamma),
+        "class_balanced_ce": lambda: ref_ldam(
+            (np.asarray(z) / 30.0).tolist(),  # LDAM with no margin and s = 30 is weighted CE
+            labels.tolist(),
+            counts,
+            0.0,
+            30.0,
+            class_balanced_weights(counts, p.class_balanced_beta).double().tolist(),
+        ),
+        "balanced_softmax": lambda: ref_ce((np.asarray(z) + log_prior).tolist(), labels.tolist()),
+        "logit_adjusted": lambda: ref_ce(
+            (np.asarray(z) + p.logit_adjusted_tau * log_prior).tolist(), labels.tolist()
+        ),
+    }[name]()
+    assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-8)
+    probability = {"kps": p.kps_s, "ldam": p.ldam_s}.get(name, scale)
+    assert probability_scale(name, head, p) == probability

@@ -7,7 +7,7 @@ import pytest
 
 from ffn_dist.config import load_config, with_settings
 from ffn_dist.errors import FFNError
-from ffn_dist.plan import Probe, predict, read_plan, time_limits
+from ffn_dist.plan import Probe, RunShape, predict, read_plan, time_limits
 from ffn_dist.run.history import log_event, stage_seconds
 from ffn_dist.run.stages import STAGES
 from ffn_dist.run.status import run_status
@@ -31,7 +31,8 @@ def probe(step_s=0.5, startup_s=10.0) -> Probe:
 
 
 def training_seconds(cfg, sizes, efficiency=0.9) -> float:
-    return predict(cfg, probe(), sizes, efficiency)["stages"]["stage1"]["seconds"] - 10.0
+    shape = RunShape({"train": 585, "test": 300}, 64, sizes["target"], sizes["probe"])  # the demo's
+    return predict(cfg, probe(), shape, efficiency)["stages"]["stage1"]["seconds"] - 10.0
 
 
 def test_the_model_scales_with_processes_and_trains_branches_in_turn_on_one(demo_root, tmp_path):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ffn_dist.config import load_config
 from ffn_dist.engines import DDPEngine
 from ffn_dist.errors import FFNError
-from ffn_dist.layout import branch_ranks, split_batches
+from ffn_dist.layout import branch_ranks, branch_shares, split_batches
 from ffn_dist.stages.backbones import base_lr
 from ffn_dist.stages.pipeline import stage1_layout
 from tests.conftest import CONFIG, REPO, run_ffn, tiny_overrides
@@ -42,7 +42,7 @@ def test_each_config_implements_its_recipe_on_1_2_8_and_16_processes(name):
         cfg = load_config(path, [f"dist.nproc={nproc}"])
         assert (cfg.stage1.epochs, base_lr(cfg)) == (epochs, lr)
         splits = split_batches(cfg, nproc)
-        for branch, ranks in branch_ranks(nproc, cfg.dist.kps_ranks).items():
+        for branch, ranks in branch_ranks(nproc, branch_shares(cfg)).items():
             split = splits[branch]
             assert split.ranks == len(ranks) and split.ranks * split.per_process == batch
             assert split.accumulation * split.micro_batch == split.per_process
@@ -51,7 +51,7 @@ def test_each_config_implements_its_recipe_on_1_2_8_and_16_processes(name):
 @pytest.mark.parametrize("nproc", range(1, 18))
 def test_imagenet_lt_trains_each_branch_at_batch_64_or_is_refused_up_front(nproc):
     cfg = load_config(REPO / "configs" / "imagenet_lt_r50.yaml", [f"dist.nproc={nproc}"])
-    ranks = {len(r) for r in branch_ranks(nproc, None).values()}
+    ranks = {len(r) for r in branch_ranks(nproc, branch_shares(cfg)).values()}
     if all(64 % r == 0 for r in ranks):
         layout = stage1_layout(cfg)
         for r in ranks:

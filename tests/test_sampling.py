@@ -79,3 +79,14 @@ def test_whole_steps_make_step_k_the_same_images_on_any_number_of_ranks(size):
         assert sorted(batch) == sorted(np.resize(order, 80)[step * 16 : (step + 1) * 16])
     with pytest.raises(ValueError, match="not a multiple of the group size"):
         shard(order, 0, 3, multiple=16)
+
+
+def test_square_root_sampling_draws_a_class_as_the_root_of_its_count():
+    counts = [5000, 500, 50, 5]
+    labels = np.repeat(np.arange(4), counts)
+    draws = np.concatenate([epoch_order(labels, "sqrt", seed=0, epoch=e) for e in range(4)])
+    freq = np.bincount(labels[draws], minlength=4) / len(draws)
+    expected = np.sqrt(counts) / np.sqrt(counts).sum()
+    # binomial standard error of each share over 22,220 draws is at most 0.0034: 4 of them allowed
+    assert np.allclose(freq, expected, atol=4 * np.sqrt(0.25 / len(draws)))
+    assert (epoch_order(labels, "sqrt", 0, 1) == epoch_order(labels, "sqrt", 0, 1)).all()

@@ -108,7 +108,7 @@ def test_groups_are_data_parallel_only_inside_themselves(
             tiny_root,
             out,
             "stage1.epochs=1",
-            f"dist.kps_ranks={kps_ranks}",
+            f"branches.kps.processes={kps_ranks}",
             f"data.backend={backend}",
             f"data.batch_size={batch}",  # a global batch each group splits evenly
         ),

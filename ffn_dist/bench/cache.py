@@ -23,7 +23,6 @@ from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset, write_builtin
 from ffn_dist.data.loader import build_loader, default_device
-from ffn_dist.distributed import BRANCHES
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.run.paths import branch_dir, cache_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
@@ -38,13 +37,13 @@ def fake_stage1(cfg: Config) -> None:
     """A complete stage 1 of freshly initialised weights (timings do not care)."""
     write_builtin(cfg.data)  # the record hashes the split files
     begin_stage(cfg, "stage1")
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         state = {
             "model": build_network(cfg, branch).state_dict(),
             "config_hash": stage_identity(cfg, "stage1"),
         }
         save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
-    finish_stage(cfg, "stage1", [final_checkpoint(cfg, branch) for branch in BRANCHES])
+    finish_stage(cfg, "stage1", [final_checkpoint(cfg, branch) for branch in cfg.branches])
 
 
 def _loaders(cfg: Config, scratch: str):
@@ -58,7 +57,7 @@ def _loaders(cfg: Config, scratch: str):
 
 def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
     device = default_device()
-    networks = {b: place_model(build_network(cfg, b), device).eval() for b in BRANCHES}
+    networks = {b: place_model(build_network(cfg, b), device).eval() for b in cfg.branches}
 
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-cache-") as tmp:
         # built once untimed: the memory backend decodes here, and both passes share its arrays
@@ -97,7 +96,7 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
         manifest = json.loads((cache_dir(cached.last) / "manifest.json").read_text())
         on_disk = sum(p["bytes"] for s in manifest["splits"].values() for p in s["parts"])
     rows = sum(s["rows"] for s in manifest["splits"].values())
-    stored = len(BRANCHES) if cfg.cache.store == "normalized" else 1
+    stored = len(cfg.branches) if cfg.cache.store == "normalized" else 1
     payload = sum(  # each split in its own dtype (val and test: fp32)
         entry["rows"] * manifest["dims"] * stored * STORED_DTYPES[manifest["dtype"][name]].itemsize
         for name, entry in manifest["splits"].items()

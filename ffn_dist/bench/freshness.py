@@ -23,7 +23,6 @@ from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import load_config, save_config
 from ffn_dist.data.dataset import write_builtin
 from ffn_dist.files import write_json
-from ffn_dist.layout import BRANCHES
 from ffn_dist.run.paths import branch_dir, cache_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
 from ffn_dist.stages.classifier import fit_classifier
@@ -48,7 +47,7 @@ def build_run(work: Path, cache_gb: float, dims: int) -> Path:
     classes = cfg.data.num_classes
     begin_stage(cfg, "stage1")
     reports = []
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         state = {
             "model": {"head.weight": torch.randn(classes, dims)},
             "config_hash": stage_identity(cfg, "stage1"),
@@ -57,9 +56,9 @@ def build_run(work: Path, cache_gb: float, dims: int) -> Path:
         test = {"top1": 0.0, "top5": 0.0, "per_class": [0.0] * classes}
         report = {"branch": branch, "train_counts": [1] * classes, "test": test}
         reports.append(write_json(branch_dir(cfg, branch) / "report.json", report))
-    finish_stage(cfg, "stage1", [*(final_checkpoint(cfg, b) for b in BRANCHES), *reports])
-    rows = int(cache_gb * 1e9 / (len(BRANCHES) * dims * 2)) // SHARD_ROWS * SHARD_ROWS
-    print(f"writing a synthetic cache: {rows:,} rows x {len(BRANCHES)} x {dims} fp16 ...", flush=True)
+    finish_stage(cfg, "stage1", [*(final_checkpoint(cfg, b) for b in cfg.branches), *reports])
+    rows = int(cache_gb * 1e9 / (len(cfg.branches) * dims * 2)) // SHARD_ROWS * SHARD_ROWS
+    print(f"writing a synthetic cache: {rows:,} rows x {len(cfg.branches)} x {dims} fp16 ...", flush=True)
     begin_stage(cfg, "cache")
     write_synthetic_cache(cache_dir(cfg), rows, dims, classes, shard_rows=SHARD_ROWS)
     finish_stage(cfg, "cache", [cache_dir(cfg) / "manifest.json"])

@@ -31,7 +31,6 @@ from ffn_dist.cache.store import FeatureCache, open_cache, write_manifest
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader, default_device
-from ffn_dist.distributed import BRANCHES
 from ffn_dist.losses import LDAMLoss
 from ffn_dist.models.backbones import backbone_entry
 from ffn_dist.models.heads import CosineHead, fused_embedding
@@ -119,7 +118,9 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
     the default device (a GPU when there is one: the backbones are the cost)."""
     device = default_device()
     dataset = open_dataset(cfg.data)
-    networks = {b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in BRANCHES}
+    networks = {
+        b: place_model(build_network(cfg, b), device).eval().requires_grad_(False) for b in cfg.branches
+    }
     loader = build_loader(cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=scratch)
     s2 = cfg.stage2
     step_of = ffn_step(cfg, dataset.train.class_counts(), networks["ce"].backbone.embedding_dim, device)
@@ -130,7 +131,7 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
         batch = next(stream)
         with torch.no_grad(), autocast(device, cfg.model.precision):
             images = place_images(batch.images, device)
-            f_ce, f_kps = (networks[b].embed(images).float() for b in BRANCHES)
+            f_ce, f_kps = (networks[b].embed(images).float() for b in cfg.branches)
         step_of(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels.to(device), s2.lr)
 
     step()  # warm-up: loader start, first allocations

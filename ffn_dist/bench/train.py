@@ -114,7 +114,7 @@ def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
 def _bench_train(cfg: Config, steps: int, rounds: int) -> dict:
     world = init_world()
     dataset = open_dataset(cfg.data)
-    branch = next(b for b in make_branches(world, cfg.dist) if b.name == "kps")
+    branch = next(b for b in make_branches(world, cfg) if b.name == "kps")
     trainer = BranchTrainer(cfg, world, branch, dataset)
     device, size, side = world.device, cfg.data.batch_size, cfg.data.image_size
     delivery = batch_delivery(cfg.data.backend, device)

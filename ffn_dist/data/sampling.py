@@ -16,24 +16,32 @@ import math
 
 import numpy as np
 
-ORDERS = ("sequential", "shuffle", "balanced")
+ORDERS = ("sequential", "shuffle", "balanced", "sqrt")
+# A stage-1 branch's sampler (branches.NAME.sampler) and the epoch order that draws it.
+SAMPLERS = {"instance": "shuffle", "class_balanced": "balanced", "sqrt": "sqrt"}
 
 
 def epoch_order(labels: np.ndarray, order: str, seed: int, epoch: int) -> np.ndarray:
-    """The group-wide sample order of one epoch; `balanced` draws classes uniformly."""
+    """The group-wide sample order of one epoch; `balanced` draws classes uniformly, `sqrt`
+    a class with probability proportional to the square root of its count (Mahajan et al.
+    2018), both N draws with replacement."""
     n = len(labels)
     if order == "sequential":
         return np.arange(n)
     rng = np.random.default_rng([seed, epoch])
     if order == "shuffle":
         return rng.permutation(n)
-    if order == "balanced":
-        # Each class equally likely, then a uniform member of it; with replacement, N draws.
+    if order in ("balanced", "sqrt"):
+        # A class drawn from its probability, then a uniform member of it; N draws.
         by_class = np.argsort(labels, kind="stable")
         sizes = np.bincount(labels)
-        present = np.flatnonzero(sizes)
         starts = np.cumsum(sizes) - sizes
-        picked = present[rng.integers(len(present), size=n)]
+        if order == "balanced":
+            present = np.flatnonzero(sizes)
+            picked = present[rng.integers(len(present), size=n)]
+        else:
+            weights = np.sqrt(sizes)
+            picked = rng.choice(len(sizes), size=n, p=weights / weights.sum())
         within = (rng.random(n) * sizes[picked]).astype(np.int64)
         return by_class[starts[picked] + within]
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")

@@ -91,6 +91,10 @@ class CosineHead(nn.Module):
         return CosineLogits.apply(features, self.weight)
 
 
+# A branch's head by name (branches.NAME.head).
+HEADS = {"linear": LinearHead, "cosine": CosineHead}
+
+
 def fused_embedding(f_kps: torch.Tensor, f_ce: torch.Tensor, w1: float, w2: float) -> torch.Tensor:
     """z = w1 * f̂_kps + w2 * f̂_ce; the fusion weights must sum to 1."""
     check_fusion_weights(w1, w2)

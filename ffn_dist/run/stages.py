@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 from ffn_dist.data.dataset import split_path
 from ffn_dist.errors import FFNError
 from ffn_dist.files import current_sha, digest, file_record, sha256_file, write_json
-from ffn_dist.layout import BRANCHES
 from ffn_dist.run.history import config_id, freeze_config, last_failure, log_event, note_end, now
 from ffn_dist.run.paths import branch_dir, classifier_variant, frozen_config_path, record_path, run_dir
 
@@ -61,7 +60,6 @@ NOT_INPUTS = (
     "stage1.keep_checkpoints",
     # the layout: the recipe (global batch, lr) is the same on any number of processes
     "dist.nproc",
-    "dist.kps_ranks",
     "stage1.accumulation",
     "stage1.max_micro_batch",
 )
@@ -133,7 +131,7 @@ STAGES = (
         "train-backbones",
         "ffn_dist.stages.backbones:train_backbones",
         "all",
-        ("seed", "data", "model", "stage1", "dist"),
+        ("seed", "data", "model", "stage1", "branches", "dist"),
         ("train", "test"),
         minutes="stage1_minutes",
         files=("model.pretrained",),
@@ -204,6 +202,12 @@ def _selected(key: str, names: tuple[str, ...]) -> bool:
     return any(key == name or key.startswith(name + ".") for name in names)
 
 
+def _layout(key: str) -> bool:
+    """A branch's share of the processes (`branches.NAME.processes`): the layout, not an input."""
+    parts = key.split(".")
+    return len(parts) == 3 and parts[0] == "branches" and parts[2] == "processes"
+
+
 def split_digest(cfg: Config, split: str) -> str | None:
     """The sha256 (16 digits) of a split file as the stage reads it now; None where the
     config has no such split. A split that is missing is an error naming it: a record
@@ -224,7 +228,7 @@ def stage_inputs(cfg: Config, name: str) -> dict:
     inputs = {
         key: value
         for key, value in settings.items()
-        if _selected(key, stage.settings_of(cfg)) and not _selected(key, NOT_INPUTS)
+        if _selected(key, stage.settings_of(cfg)) and not _selected(key, NOT_INPUTS) and not _layout(key)
     }
     if stage.outputs_version > 1:  # version 1 adds nothing: identities recorded before stay valid
         inputs["outputs version"] = stage.outputs_version
@@ -298,9 +302,9 @@ def recorded_sha(recorded) -> str:
 
 def refuse_other_stage1(cfg: Config) -> None:
     """Stage 1 resumes from its checkpoints: once it has written one, a config that changes
-    what it depends on is refused, for both branches at once, naming what differs."""
+    what it depends on is refused, for every branch at once, naming what differs."""
     record = read_record(cfg, "stage1")
-    started = any(path.suffix == ".pt" for b in BRANCHES for path in _files(branch_dir(cfg, b)))
+    started = any(path.suffix == ".pt" for b in cfg.branches for path in _files(branch_dir(cfg, b)))
     if not (started and record):
         return
     changes = describe_changes(record["inputs"], stage_inputs(cfg, "stage1"))

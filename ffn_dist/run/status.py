@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
+from ffn_dist.config import describe_branch
 from ffn_dist.progress import format_duration
 from ffn_dist.run.history import config_id, load_run_config, stage_seconds
 from ffn_dist.run.paths import frozen_config_path, plan_path, run_dir
@@ -20,6 +21,7 @@ def run_status(cfg: Config, verify: bool = False) -> tuple[list[str], bool]:
     `verify`: read every output whole (the cache's shards hashed), not only its metadata."""
     frozen = load_run_config(run_dir(cfg)) if frozen_config_path(cfg).is_file() else cfg
     lines = [f"run {run_dir(cfg)}: config {config_id(frozen)} ({frozen_config_path(cfg)})"]
+    lines.append("branches: " + "; ".join(f"{n} ({describe_branch(b)})" for n, b in frozen.branches.items()))
     if config_id(frozen) != config_id(cfg):
         ours, theirs = flatten(dataclasses.asdict(frozen)), flatten(dataclasses.asdict(cfg))
         lines.append("the config given differs: " + "; ".join(describe_changes(ours, theirs)))

@@ -1,9 +1,11 @@
-"""Stage 1 of FFN: the CE and KPS backbones, trained concurrently on two process groups.
+"""Stage 1 of FFN: the branches' backbones (`branches`: the paper's CE and KPS), trained
+concurrently on a process group each.
 
 `ffn train-backbones CONFIG` under torchrun (any number of processes, including 1) or the
-SLURM launcher. Each rank trains the branch its group owns (with one process, both, one
-after the other); gradients are averaged only inside the branch's group. A rerun with the
-same output directory resumes each branch from its latest complete checkpoint.
+SLURM launcher. Each rank trains the branch its group owns (with one process, every branch,
+one after the other); a branch's loss, head, sampler and mixup are its settings. Gradients
+are averaged only inside the branch's group. A rerun with the same output directory resumes
+each branch from its latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from ffn_dist.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from ffn_dist.config import Config
+from ffn_dist.config import Config, describe_branch
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.mixup import mixup
+from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.distributed import (
-    BRANCHES,
     Branch,
     World,
     average_buffers,
@@ -46,12 +48,13 @@ from ffn_dist.distributed import (
     rank0_decides,
 )
 from ffn_dist.engines import wrap_for_training
+from ffn_dist.errors import FFNError
 from ffn_dist.files import save_torch, write_json
 from ffn_dist.layout import split_batches
-from ffn_dist.losses import CELoss, KPSLoss
+from ffn_dist.losses import KPSLoss, build_loss, class_balanced_weights, probability_scale
 from ffn_dist.metrics import accuracy_report, gather_predictions, prediction_scores, top_k
 from ffn_dist.models.backbones import build_backbone, load_pretrained
-from ffn_dist.models.heads import CosineHead, LinearHead
+from ffn_dist.models.heads import HEADS
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.run.paths import branch_dir, final_checkpoint, tensorboard_dir
 from ffn_dist.run.stages import StageFailed, begin_stage, finish_stage, recorded, stage_identity
@@ -74,27 +77,34 @@ class Network(nn.Module):
 
 
 def build_network(cfg: Config, branch: str, pretrained: bool = False) -> Network:
-    """CE: linear head; KPS: cosine head. Seeded per branch, so a group's replicas start equal;
-    with `pretrained`, the trunk from `model.pretrained` where the config names a file (stage
-    1's start; a trained network is loaded from its checkpoint, which needs no such file)."""
-    torch.manual_seed(cfg.seed * len(BRANCHES) + BRANCHES.index(branch))
+    """The branch's trunk and head (`branches.NAME.head`). Seeded per branch, so a group's
+    replicas start equal; with `pretrained`, the trunk from `model.pretrained` where the config
+    names a file (stage 1's start; a trained network is loaded from its checkpoint, which needs
+    no such file)."""
+    names = list(cfg.branches)
+    torch.manual_seed(cfg.seed * len(names) + names.index(branch))
     backbone = build_backbone(cfg.model.arch)
     if pretrained and cfg.model.pretrained:
         load_pretrained(backbone, cfg.model.pretrained, cfg.model.arch)
-    head_cls = LinearHead if branch == "ce" else CosineHead
+    head_cls = HEADS[cfg.branches[branch].head]
     return Network(backbone, head_cls(backbone.embedding_dim, cfg.data.num_classes))
 
 
-def build_loss(cfg: Config, branch: str, class_counts: np.ndarray) -> nn.Module:
-    if branch == "ce":
-        return CELoss(cfg.data.num_classes)
-    return KPSLoss(class_counts, max_m=cfg.stage1.kps_max_m, s=cfg.stage1.kps_s)
+def branch_loss(cfg: Config, branch: str, class_counts: np.ndarray) -> nn.Module:
+    spec = cfg.branches[branch]
+    return build_loss(spec.loss, class_counts, cfg.stage1, spec.head)
 
 
 def branch_probability_scale(cfg: Config, branch: str) -> float:
-    """The branch's probabilities are softmax(scale * head logits): the cosine head's logits
-    are cosines, which its loss scales by s."""
-    return 1.0 if branch == "ce" else cfg.stage1.kps_s
+    """The branch's probabilities are softmax(scale * head logits) (losses.probability_scale)."""
+    spec = cfg.branches[branch]
+    return probability_scale(spec.loss, spec.head, cfg.stage1)
+
+
+def drw_epoch(cfg: Config) -> int:
+    """The first epoch of deferred re-weighting: `stage1.drw_from` of the epochs (LDAM-DRW:
+    160 of 200)."""
+    return round(cfg.stage1.drw_from * cfg.stage1.epochs)
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
@@ -183,7 +193,8 @@ class BranchTrainer:
         self.hash = stage_identity(cfg, "stage1")
         net = place_model(build_network(cfg, branch.name, pretrained=True), world.device)
         # labels come from the training split, validated when it was read
-        self.loss = build_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
+        self.spec = cfg.branches[branch.name]
+        self.loss = branch_loss(cfg, branch.name, self.counts).trusting_labels().to(world.device)
         self.lr = base_lr(cfg)
         optimizer = torch.optim.SGD(
             net.parameters(), lr=self.lr, momentum=cfg.stage1.momentum, weight_decay=cfg.stage1.weight_decay
@@ -198,7 +209,10 @@ class BranchTrainer:
             run_dir=cfg.output_dir,
         )
         share = dataclasses.replace(cfg.data, batch_size=split.per_process)
-        self.train_loader = build_loader(share, dataset.train, train=True, whole_steps=True, **loader_args)
+        order = SAMPLERS[self.spec.sampler]
+        self.train_loader = build_loader(
+            share, dataset.train, train=True, whole_steps=True, order=order, **loader_args
+        )
         self.test_loader = build_loader(share, dataset.test, train=False, **loader_args)
         self.writer = None
         if branch.is_first:
@@ -301,7 +315,8 @@ class BranchTrainer:
         self.engine.set_lr(lr)
         images = place_images(images, self.world.device)
         labels = labels.to(self.world.device, non_blocking=True)  # a blocking copy waits for the GPU
-        images, y_a, y_b, lam = mixup(images, labels, self.cfg.stage1.mixup_alpha, rng)
+        alpha = self.cfg.stage1.mixup_alpha if self.spec.mixup else 0.0
+        images, y_a, y_b, lam = mixup(images, labels, alpha, rng)
         micro = self.split.accumulation
         losses = []
         pieces = (t.tensor_split(micro) for t in (images, y_a, y_b))
@@ -321,16 +336,19 @@ class BranchTrainer:
         steps = len(self.train_loader)
         console = _Console(self.branch, s1.epochs * steps, start * steps + start_step)
         if self.branch.is_first:
-            print(f"[{name}] {self.split} on {self.branch.size} process(es), lr {self.lr:g}", flush=True)
+            print(
+                f"[{name}] {describe_branch(self.spec)}; {self.split} on {self.branch.size} process(es), "
+                f"lr {self.lr:g}",
+                flush=True,
+            )
         report = None
         for epoch in range(start, s1.epochs):
-            if isinstance(self.loss, KPSLoss):
-                self.loss.per_class_scale = epoch >= s1.kps_ga_epoch
+            self._epoch_rules(epoch)
             first = start_step if epoch == start else 0
             self.train_loader.set_epoch(epoch, first)
             resumed = [first] if first else []  # a mid-epoch resume draws a fresh mixup stream
             rng = np.random.default_rng(
-                [self.cfg.seed, BRANCHES.index(name), epoch, self.branch.rank, *resumed]
+                [self.cfg.seed, list(self.cfg.branches).index(name), epoch, self.branch.rank, *resumed]
             )
             tick = time.perf_counter()
             for step, batch in enumerate(self.train_loader, start=first):
@@ -377,6 +395,15 @@ class BranchTrainer:
             self.writer.close()
         return report
 
+    def _epoch_rules(self, epoch: int) -> None:
+        """What a loss changes at an epoch: KPS's per-class scales from `stage1.kps_ga_epoch`,
+        a `drw` branch's class-balanced weights from `drw_epoch`."""
+        if isinstance(self.loss, KPSLoss):
+            self.loss.per_class_scale = epoch >= self.cfg.stage1.kps_ga_epoch
+        if self.spec.drw:
+            weights = class_balanced_weights(self.counts) if epoch >= drw_epoch(self.cfg) else None
+            self.loss.weight = None if weights is None else weights.to(self.world.device)
+
     def _scalars(self, values: dict, step: int) -> None:
         if self.writer:
             for key, value in values.items():
@@ -395,6 +422,7 @@ class BranchTrainer:
             return
         body = {
             "branch": self.branch.name,
+            "settings": dataclasses.asdict(self.spec),
             "epochs": self.cfg.stage1.epochs,
             "recipe": recipe(self.cfg),
             "train_counts": self.counts.tolist(),
@@ -409,17 +437,21 @@ def _begin(cfg: Config) -> Config:
 
 
 def _finish(cfg: Config) -> None:
-    """Stage 1 is complete once both branches have their final checkpoint and report."""
-    outputs = [p for b in BRANCHES for p in (final_checkpoint(cfg, b), branch_dir(cfg, b) / "report.json")]
+    """Stage 1 is complete once every branch has its final checkpoint and report."""
+    outputs = [
+        p for b in cfg.branches for p in (final_checkpoint(cfg, b), branch_dir(cfg, b) / "report.json")
+    ]
     if all(p.is_file() for p in outputs):
         finish_stage(cfg, "stage1", outputs)
 
 
 def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None = None) -> dict[str, dict]:
-    """Both branches, or `only` one of them. SIGUSR2 (SLURM's pre-emption warning) or
+    """Every branch, or `only` one of them. SIGUSR2 (SLURM's pre-emption warning) or
     SIGTERM makes every group checkpoint mid-epoch and raise StopRequested; the next run
     resumes there. `max_steps`: the same stop after that many steps of a branch (a smoke
     test, and `ffn plan`'s probe); with one process, the first branch's."""
+    if only is not None and only not in cfg.branches:
+        raise FFNError(f"--branch {only}: not a branch of this config (branches: {', '.join(cfg.branches)})")
     world = init_world()
     previous = {signum: stop_on(signum) for signum in (signal.SIGUSR2, signal.SIGTERM)}
     reports = {}
@@ -432,7 +464,7 @@ def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None 
             cfg = rank0_decides(world, lambda: _begin(cfg))  # every rank trains from rank 0's
             with recorded(cfg, "stage1"):
                 try:
-                    for branch in make_branches(world, cfg.dist):
+                    for branch in make_branches(world, cfg):
                         if only in (None, branch.name):
                             trainer = BranchTrainer(cfg, world, branch, dataset, max_steps)
                             reports[branch.name] = trainer.run()

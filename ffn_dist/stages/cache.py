@@ -32,7 +32,7 @@ from ffn_dist.config import Config, config_to_dict
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split
-from ffn_dist.distributed import BRANCHES, World, init_world, rank0_decides
+from ffn_dist.distributed import World, init_world, rank0_decides
 from ffn_dist.models.backbones import backbone_entry
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
@@ -153,17 +153,17 @@ def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, worl
     precision = cfg.model.precision if split == "train" else "fp32"
     with torch.no_grad(), autocast(world.device, precision):
         images = place_images(images, world.device)
-        unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in BRANCHES}
+        unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in cfg.branches}
     if cfg.cache.store == "fused":
         rows = {"fused": cfg.stage2.w1 * unit["kps"] + cfg.stage2.w2 * unit["ce"]}
     else:
-        rows = {b: unit[b] for b in BRANCHES}
+        rows = {b: unit[b] for b in cfg.branches}
     return {key: value.to(stored).cpu() for key, value in rows.items()}
 
 
 def _refuse_non_finite(rows: dict, where: str, cfg: Config) -> None:
     """Embeddings are checked as they are written (on the host copy the write needs anyway)."""
-    for key in ("fused",) if cfg.cache.store == "fused" else BRANCHES:
+    for key in ("fused",) if cfg.cache.store == "fused" else cfg.branches:
         if not bool(torch.isfinite(rows[key]).all()):
             raise StageFailed(
                 f"{where}: the {key} embeddings are not finite; the backbones "
@@ -281,7 +281,7 @@ def _cache_features(cfg: Config, world: World, rebuild: bool) -> Path:
     mine = missing[world.rank :: world.size]
     written = 0
     if mine:
-        networks = {b: load_frozen(cfg, b, world.device) for b in BRANCHES}
+        networks = {b: load_frozen(cfg, b, world.device) for b in cfg.branches}
         for split_name, view in dict.fromkeys((p.split, p.view) for p in mine):
             group = [p for p in mine if (p.split, p.view) == (split_name, view)]
             written += _extract(cfg, world, splits[split_name], view, group, networks, cache_dir(cfg))

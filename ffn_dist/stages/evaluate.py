@@ -23,7 +23,6 @@ import numpy as np
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
-from ffn_dist.layout import BRANCHES
 from ffn_dist.metrics import logits_report
 from ffn_dist.plots import figure
 from ffn_dist.priors import IMBALANCES, logit_adjustment, prior_accuracy, read_prior, shifted_accuracies
@@ -50,9 +49,9 @@ def classifier_name(cfg: Config) -> str:
 
 
 def collect_results(cfg: Config) -> dict:
-    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in BRANCHES}
+    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in cfg.branches}
     stage_outputs(cfg, "classifier")  # refused, saying what to run, unless it is complete
-    methods = {b.upper(): stage1[b]["test"] for b in BRANCHES}
+    methods = {b.upper(): stage1[b]["test"] for b in cfg.branches}
     classifier = read_result(cfg)
     methods[classifier_name(cfg)] = classifier["test"]
     compared = methods_dir(cfg) / "methods.json"
@@ -64,7 +63,7 @@ def collect_results(cfg: Config) -> dict:
                 r for r in body["rows"] if (r["method"], r["features"]) == (best["method"], best["features"])
             )
             methods[f"{best['method']} on {best['features']} features (best on val)"] = row["test"]
-    counts = stage1[BRANCHES[0]]["train_counts"]
+    counts = stage1[next(iter(cfg.branches))]["train_counts"]
     for report in methods.values():  # a stage 1 of an earlier release reported no shifted priors
         report.setdefault("shifted_prior", shifted_accuracies(report["per_class"], counts))
     results = {
@@ -76,7 +75,8 @@ def collect_results(cfg: Config) -> dict:
             "temperature": classifier["temperature"],
         },
         "train_counts": counts,
-        "stage1_recipe": stage1[BRANCHES[0]].get("recipe"),  # None: a stage 1 of an earlier release
+        # None: a stage 1 of an earlier release
+        "stage1_recipe": stage1[next(iter(cfg.branches))].get("recipe"),
         "methods": methods,
     }
     sweep = classifier_root(cfg) / "sweep.json"

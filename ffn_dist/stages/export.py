@@ -26,7 +26,6 @@ from ffn_dist.data.dataset import split_path
 from ffn_dist.data.splits import shot_groups
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, writing
-from ffn_dist.layout import BRANCHES
 from ffn_dist.models.heads import FusedClassifier
 from ffn_dist.run.history import config_id
 from ffn_dist.run.paths import export_dir
@@ -105,7 +104,7 @@ def export_run(cfg: Config) -> Path:
             )
     s2, result = cfg.stage2, read_result(cfg)
     cpu = torch.device("cpu")
-    ce, kps = (load_frozen(cfg, branch, cpu).backbone for branch in BRANCHES)
+    ce, kps = (load_frozen(cfg, branch, cpu).backbone for branch in cfg.branches)
     model = FusedClassifier(ce, kps, s2.w1, load_form(cfg)).eval()
     _refuse_non_finite(model)
     out = export_dir(cfg)

@@ -10,38 +10,27 @@ epoch on the cache, the report) run in this process.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from contextlib import contextmanager
 
 from ffn_dist.config import Config
 from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
-from ffn_dist.layout import describe_groups, plan_groups, planned_placements, split_batches
+from ffn_dist.layout import branch_shares, describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config, note_end
 from ffn_dist.run.paths import report_dir, run_dir
 from ffn_dist.run.stages import STAGES, Stage, run_stage, stage_state, start_run
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import run_group
+from ffn_dist.torchrun import command as torchrun_command
 
 
 def torchrun(cfg: Config, stage: Stage) -> None:
     """One stage of the run under torchrun on this machine, `dist.nproc` processes, each
     reading the frozen config."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "ffn_dist.torchrun",
-        "--standalone",
-        f"--nproc-per-node={cfg.dist.nproc}",
-        "-m",
-        "ffn_dist.cli",
-        "stage",
-        stage.name,
-        str(run_dir(cfg)),
-    ]
+    cmd = torchrun_command(cfg.dist.nproc, "stage", stage.name, str(run_dir(cfg)))
     print(f"{stage.name}: {' '.join(cmd[2:])}", flush=True)
-    status = run_group(cmd)  # argument list, no shell: nothing is interpolated
+    status = run_group(cmd)
     if status != 0:
         note_end(cfg, stage.name, "failed", error=f"its processes exited with status {status}")
         raise FFNError(
@@ -53,7 +42,7 @@ def stage1_layout(cfg: Config) -> str:
     """Stage 1's groups on this machine (`dist.nproc` processes, the visible GPUs), checked
     before anything is written or launched."""
     gpus = visible_gpus()
-    plans = plan_groups(planned_placements(1, cfg.dist.nproc, gpus), cfg.dist.kps_ranks, cfg.dist.engine)
+    plans = plan_groups(planned_placements(1, cfg.dist.nproc, gpus), branch_shares(cfg), cfg.dist.engine)
     splits = split_batches(cfg, cfg.dist.nproc)
     where = f"{gpus} GPU(s)" if gpus else "the CPU"
     return f"{cfg.dist.nproc} process(es) on {where}: {describe_groups(plans, splits)}"

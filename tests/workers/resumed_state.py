@@ -21,7 +21,7 @@ def main(out_dir, *overrides):
     cfg = load_config(None, list(overrides))
     world = init_world()
     dataset = open_dataset(cfg.data)
-    for branch in make_branches(world, cfg.dist):
+    for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, world, branch, dataset)
         position = trainer._resume()
         state = trainer.engine.state()

@@ -32,7 +32,7 @@ def main(out_dir, *overrides):
     world = init_world()
     dataset = open_dataset(cfg.data)
     result = {}
-    for branch in make_branches(world, cfg.dist):
+    for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, world, branch, dataset)
         trainer.run()
         result[branch.name] = {
