@@ -121,7 +121,8 @@ def test_plan_measures_real_steps_predicts_what_a_run_writes_and_feeds_submit_an
     assert all(limit in dry.stdout for limit in time_limits(plan, 2)), dry.stdout[:2000]
     assert f"#SBATCH --time={time_limits(plan, 2)[1].split('=')[1]}" in dry.stdout  # stage 1's job
     lines, _ = run_status(cfg)
-    assert all("planned" in line for line in lines[1:]), lines
+    assert lines[1] == "branches: ce (ce loss, linear head); kps (kps loss, cosine head)"
+    assert all("planned" in line for line in lines[2:]), lines
 
     other = run_ffn("submit", CONFIG, *args, "stage1.epochs=3", "--plan", "--dry-run")
     assert other.returncode == 2
