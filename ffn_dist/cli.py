@@ -140,7 +140,7 @@ def cmd_submit(args) -> int:
         from ffn_dist.plan import read_plan, time_limits
         from ffn_dist.run.paths import plan_path
 
-        limits = time_limits(read_plan(cfg), args.plan_margin)
+        limits = time_limits(read_plan(cfg), args.plan_margin, cfg.launch.signal_delay_s)
         print(f"time limits from {plan_path(cfg)} x {args.plan_margin:g}: {' '.join(limits)}")
         cfg = load_config(args.config, [*_launch_overrides(args), *limits])
     if args.dry_run:

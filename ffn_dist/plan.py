@@ -391,8 +391,10 @@ def read_plan(cfg: Config) -> dict:
     return saved
 
 
-def time_limits(saved: dict, margin: float) -> list[str]:
-    """`launch.*_minutes` overrides: each job's predicted time x `margin`, in whole minutes."""
+def time_limits(saved: dict, margin: float, warning_s: float = 0.0) -> list[str]:
+    """`launch.*_minutes` overrides: each job's predicted time x `margin`, plus `warning_s`
+    (`launch.signal_delay_s`: SLURM's USR2 comes that long before the limit, and a job should
+    not be stopped before its predicted end), in whole minutes."""
     if margin < 1:
         raise FFNError(
             f"--plan-margin: {margin:g}; a time limit below the prediction would cut the job short"
@@ -400,7 +402,8 @@ def time_limits(saved: dict, margin: float) -> list[str]:
     seconds: dict[str, float] = {}
     for stage in STAGES:
         seconds[stage.minutes] = seconds.get(stage.minutes, 0.0) + saved["stages"][stage.name]["seconds"]
-    return [f"launch.{key}={max(1, math.ceil(value * margin / 60))}" for key, value in seconds.items()]
+    minutes = {key: max(1, math.ceil((value * margin + warning_s) / 60)) for key, value in seconds.items()}
+    return [f"launch.{key}={value}" for key, value in minutes.items()]
 
 
 def format_plan(result: dict) -> str:

@@ -65,6 +65,8 @@ def test_time_limits_are_each_jobs_prediction_times_the_margin():
         "launch.cache_minutes=3",  # 150 s
         "launch.classifier_minutes=3",  # the classifier and the report share a job: 81 s x 1.5
     ]
+    # SLURM's warning (launch.signal_delay_s) comes on top: a job is not stopped before its end
+    assert time_limits(saved, 1.5, 120)[1] == "launch.stage1_minutes=17"
     with pytest.raises(FFNError, match="--plan-margin: 0.8; a time limit below the prediction"):
         time_limits(saved, 0.8)
 
@@ -118,8 +120,9 @@ def test_plan_measures_real_steps_predicts_what_a_run_writes_and_feeds_submit_an
     assert read_plan(cfg) == plan
     dry = run_ffn("submit", CONFIG, *args, "--plan", "--plan-margin", "2", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert all(limit in dry.stdout for limit in time_limits(plan, 2)), dry.stdout[:2000]
-    assert f"#SBATCH --time={time_limits(plan, 2)[1].split('=')[1]}" in dry.stdout  # stage 1's job
+    limits = time_limits(plan, 2, cfg.launch.signal_delay_s)
+    assert all(limit in dry.stdout for limit in limits), dry.stdout[:2000]
+    assert f"#SBATCH --time={limits[1].split('=')[1]}" in dry.stdout  # stage 1's job
     lines, _ = run_status(cfg)
     assert lines[1] == "branches: ce (ce loss, linear head); kps (kps loss, cosine head)"
     assert all("planned" in line for line in lines[2:]), lines

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ffn_dist.config import load_config
 from ffn_dist.plan import time_limits
 from tests.conftest import CONFIG, REPO, cache_overrides, run_ffn
 
@@ -63,7 +64,8 @@ def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_
     args = cache_overrides(tiny_root, tmp_path / "run", "stage2.epochs=2", "cache.train_views=2")
     planned = ffn(slurm_env, "plan", CONFIG, *args, "--steps", "4")
     assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
-    limits = time_limits(json.loads((tmp_path / "run" / "plan.json").read_text()), 1.5)
+    warning = load_config(CONFIG, args).launch.signal_delay_s  # USR2 that long before each limit
+    limits = time_limits(json.loads((tmp_path / "run" / "plan.json").read_text()), 1.5, warning)
     result = submit(slurm_env, CONFIG, *args, "--plan", "--wait")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ids = re.findall(r"submitted (\S+)\s+job (\d+)", result.stdout)
