@@ -81,7 +81,7 @@ def branch_ranks(world_size: int, shares: dict[str, int | None]) -> dict[str, tu
             f"{set_counts}: with {world_size} processes, {left} left ({need}); set them to leave "
             f"each branch at least one rank and to sum to the processes (dist.nproc, or SLURM tasks)"
         )
-    counts = {name: count for name, count in shares.items()}
+    counts = dict(shares)
     for i, name in enumerate(free):
         counts[name] = left // len(free) + (1 if i < left % len(free) else 0)
     ranks, start = {}, 0

@@ -29,6 +29,12 @@ MARGIN_LOSSES = ("kps", "ldam")  # margins on cosine logits, each with its own s
 REWEIGHTABLE_LOSSES = ("ce", "focal", "ldam")  # class weights that deferred re-weighting sets
 
 
+def deferred_epoch(fraction: float, epochs: int) -> int:
+    """The first epoch of deferred re-weighting: `fraction` of the epochs, rounded down
+    (LDAM-DRW's epoch 160 of 200)."""
+    return int(fraction * epochs)
+
+
 def as_class_counts(class_counts) -> torch.Tensor:
     """Validate training counts per class: a non-empty 1-D sequence of integers >= 1."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)

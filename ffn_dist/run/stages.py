@@ -60,6 +60,7 @@ NOT_INPUTS = (
     "stage1.keep_checkpoints",
     # the layout: the recipe (global batch, lr) is the same on any number of processes
     "dist.nproc",
+    "branches.*.processes",
     "stage1.accumulation",
     "stage1.max_micro_batch",
 )
@@ -199,13 +200,12 @@ def flatten(node: dict, prefix: str = "") -> dict:
 
 
 def _selected(key: str, names: tuple[str, ...]) -> bool:
-    return any(key == name or key.startswith(name + ".") for name in names)
-
-
-def _layout(key: str) -> bool:
-    """A branch's share of the processes (`branches.NAME.processes`): the layout, not an input."""
+    """`key` is one of `names` or inside one; a `*` stands for one name (`branches.*.processes`)."""
     parts = key.split(".")
-    return len(parts) == 3 and parts[0] == "branches" and parts[2] == "processes"
+    return any(
+        len(parts) >= len(pattern) and all(p in ("*", k) for p, k in zip(pattern, parts, strict=False))
+        for pattern in (name.split(".") for name in names)
+    )
 
 
 def split_digest(cfg: Config, split: str) -> str | None:
@@ -228,7 +228,7 @@ def stage_inputs(cfg: Config, name: str) -> dict:
     inputs = {
         key: value
         for key, value in settings.items()
-        if _selected(key, stage.settings_of(cfg)) and not _selected(key, NOT_INPUTS) and not _layout(key)
+        if _selected(key, stage.settings_of(cfg)) and not _selected(key, NOT_INPUTS)
     }
     if stage.outputs_version > 1:  # version 1 adds nothing: identities recorded before stay valid
         inputs["outputs version"] = stage.outputs_version

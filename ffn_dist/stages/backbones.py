@@ -51,7 +51,7 @@ from ffn_dist.engines import wrap_for_training
 from ffn_dist.errors import FFNError
 from ffn_dist.files import save_torch, write_json
 from ffn_dist.layout import split_batches
-from ffn_dist.losses import KPSLoss, build_loss, class_balanced_weights, probability_scale
+from ffn_dist.losses import KPSLoss, build_loss, class_balanced_weights, deferred_epoch, probability_scale
 from ffn_dist.metrics import accuracy_report, gather_predictions, prediction_scores, top_k
 from ffn_dist.models.backbones import build_backbone, load_pretrained
 from ffn_dist.models.heads import HEADS
@@ -99,12 +99,6 @@ def branch_probability_scale(cfg: Config, branch: str) -> float:
     """The branch's probabilities are softmax(scale * head logits) (losses.probability_scale)."""
     spec = cfg.branches[branch]
     return probability_scale(spec.loss, spec.head, cfg.stage1)
-
-
-def drw_epoch(cfg: Config) -> int:
-    """The first epoch of deferred re-weighting: `stage1.drw_from` of the epochs (LDAM-DRW:
-    160 of 200)."""
-    return round(cfg.stage1.drw_from * cfg.stage1.epochs)
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
@@ -397,12 +391,13 @@ class BranchTrainer:
 
     def _epoch_rules(self, epoch: int) -> None:
         """What a loss changes at an epoch: KPS's per-class scales from `stage1.kps_ga_epoch`,
-        a `drw` branch's class-balanced weights from `drw_epoch`."""
+        a `drw` branch's class-balanced weights from `stage1.drw_from` of the epochs."""
+        s1 = self.cfg.stage1
         if isinstance(self.loss, KPSLoss):
-            self.loss.per_class_scale = epoch >= self.cfg.stage1.kps_ga_epoch
+            self.loss.per_class_scale = epoch >= s1.kps_ga_epoch
         if self.spec.drw:
-            weights = class_balanced_weights(self.counts) if epoch >= drw_epoch(self.cfg) else None
-            self.loss.weight = None if weights is None else weights.to(self.world.device)
+            deferred = epoch >= deferred_epoch(s1.drw_from, s1.epochs)
+            self.loss.weight = class_balanced_weights(self.counts).to(self.world.device) if deferred else None
 
     def _scalars(self, values: dict, step: int) -> None:
         if self.writer:

@@ -55,6 +55,7 @@ from ffn_dist.losses import (
     LDAMLoss,
     balanced_softmax_loss,
     class_balanced_weights,
+    deferred_epoch,
     label_aware_smoothing,
     reweighting_weights,
     smoothed_cross_entropy,
@@ -236,7 +237,7 @@ def fit_disalign(f: Fitting, rho: float) -> LinearForm:
 def fit_ldam_drw(f: Fitting) -> LinearForm:
     s2 = f.cfg.stage2
     head = f.cosine_head()
-    deferred = int(s2.ldam_drw.drw_from * s2.epochs)
+    deferred = deferred_epoch(s2.ldam_drw.drw_from, s2.epochs)
     step = f.cosine_step(head, f.ldam())
     f.loop.train(step, "shuffle", f.name, epochs=range(deferred), progress=f.progress)
     step.loss = f.ldam(class_balanced_weights(f.counts))  # DRW: class-balanced weights from here
