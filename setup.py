@@ -40,7 +40,7 @@ setup(
     # launchers/ and configs/ stay at the top of the repository and install inside the package.
     packages=[*find_packages(include=["ffn_dist", "ffn_dist.*"]), "ffn_dist.launchers", "ffn_dist.configs"],
     package_dir={"ffn_dist.launchers": "launchers", "ffn_dist.configs": "configs"},
-    package_data={"ffn_dist.launchers": ["*.sh"], "ffn_dist.configs": ["*.yaml"]},
+    package_data={"ffn_dist.launchers": ["*.sh"], "ffn_dist.configs": ["*.yaml", "studies/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": ["pytest>=8", "ruff>=0.6", "psutil>=5.9", "mkdocs-material>=9.5"]},
     entry_points={"console_scripts": ["ffn=ffn_dist.cli:main"]},

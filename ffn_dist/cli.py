@@ -53,13 +53,14 @@ def cmd_train_classifier(args) -> int:
     from ffn_dist.stages.classifier import train_classifier
 
     if args.sweep and args.methods:
-        raise FFNError("--sweep and --methods: give one (--methods chooses w1 on val itself)")
+        raise FFNError("--sweep and --methods: give one (--methods chooses the fusion on val itself)")
     if args.seeds != 1 and not args.methods:
         raise FFNError("--seeds: repeats --methods with other seeds; add --methods all (or a list)")
     if args.methods:
         run_methods(_config(args), parse_methods(args.methods), args.seeds)
     elif args.sweep:
-        run_sweep(_config(args), parse_sweep(args.sweep))
+        cfg = _config(args)
+        run_sweep(cfg, parse_sweep(args.sweep, cfg.stage2.fusion))
     else:
         train_classifier(_config(args))
     return 0
@@ -97,7 +98,7 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    name = f"{model.meta['method']} (w1={model.meta['w1']:g}), {args.runtime}"
+    name = f"{model.name}, {args.runtime}"
     name += f", prior {args.prior}" if args.prior else ""
     print(
         f"{accuracy_table({name: report})}\n{report['samples']} images in {report['seconds']:g} s "
@@ -358,8 +359,12 @@ def cmd_bench_gpu(args) -> int:
 
 def cmd_bench_accuracy(args) -> int:
     from ffn_dist.bench.accuracy import bench_accuracy
+    from ffn_dist.bench.study import bench_study
 
-    bench_accuracy(args.schedule, args.archive, args.work_dir, args.seeds)
+    if args.study:
+        bench_study(args.study, args.schedule, args.archive, args.work_dir, args.seeds or 3)
+    else:
+        bench_accuracy(args.schedule, args.archive, args.work_dir, args.seeds or 1)
     return 0
 
 
@@ -420,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(classifier)
     classifier.add_argument(
-        "--sweep", default=None, metavar="w1=START:STOP:STEP", help="one classifier per fusion weight"
+        "--sweep",
+        default=None,
+        metavar="BRANCH=START:STOP:STEP|grid=STEP",
+        help="one classifier per fusion: one branch's weight over a range (two branches; the other "
+        "takes 1 minus it), or every point of the simplex in steps of STEP",
     )
     classifier.add_argument(
         "--methods",
@@ -440,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="the run's classifier as one model: ONNX, torch.export (.pt2), model.json "
-        "(another one: stage2.method=NAME stage2.w1=X)",
+        "(another one: stage2.method=NAME stage2.fusion.BRANCH=X ...)",
     )
     _add_config_args(export)
     export.set_defaults(func=cmd_export)
@@ -458,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--prior", default=None, help=PRIOR_HELP)
     predict.set_defaults(func=cmd_predict)
 
-    evaluate = sub.add_parser("evaluate", help="CE, KPS and FFN test accuracy: JSON, Markdown, plots")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="each branch alone and the configured classifier: accuracy, calibration; JSON, Markdown, plots",
+    )
     _add_config_args(evaluate)
     evaluate.add_argument("--tsne", action="store_true", help="also a t-SNE plot of test embeddings")
     evaluate.add_argument("--prior", default=None, help=PRIOR_HELP + "; measured against no adjustment")
@@ -693,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_bench.add_argument("--json-out", default=None)
     export_bench.set_defaults(func=cmd_bench_export)
     accuracy = bench_sub.add_parser(
-        "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the w1 sweep"
+        "accuracy", help="FFN on CIFAR-10-LT from the real JPEGs, with the fusion sweep"
     )
     accuracy.add_argument("--schedule", choices=["cpu", "paper"], default="cpu")
     accuracy.add_argument(
@@ -705,9 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument(
         "--seeds",
         type=int,
-        default=1,
+        default=None,
         help="run the schedule with seeds 0..N-1 (each draws its own long-tailed subset) and report "
-        "mean ± std",
+        "mean ± std (default: 1; with --study, 3)",
+    )
+    accuracy.add_argument(
+        "--study",
+        default=None,
+        metavar="NAME|FILE",
+        help="instead: which branches to fuse, a study file's branches trained once a seed and its "
+        "fusions compared, each chosen on val (shipped: branches, configs/studies/branches.yaml)",
     )
     accuracy.set_defaults(func=cmd_bench_accuracy)
     return parser
@@ -715,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv=None) -> argparse.Namespace:
     """Like parse_args, but `a.b.c=value` overrides may also follow an option (`CONFIG
-    --sweep w1=0:1:0.1 seed=1`), which argparse alone refuses after its positional list."""
+    --sweep kps=0:1:0.1 seed=1`), which argparse alone refuses after its positional list."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     stray = [token for token in rest if token.startswith("-") or "=" not in token]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
@@ -23,6 +22,7 @@ import yaml
 from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_text
+from ffn_dist.fusion import check_weights, equal_weights, weighed
 from ffn_dist.losses import LOSSES, MARGIN_LOSSES, REWEIGHTABLE_LOSSES
 from ffn_dist.models.backbones import BACKBONES
 from ffn_dist.models.heads import HEADS
@@ -35,8 +35,8 @@ class ConfigError(FFNError):
 def opt(default, *, choices=None, ge=None, gt=None, le=None, lt=None, doc=""):
     """A config field with its allowed values and what it means (`doc`)."""
     meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -259,8 +259,13 @@ class Stage2Config:
     lr: float = opt(0.1, gt=0.0, doc="base learning rate (cosine decay)")
     momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
     weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")
-    w1: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the KPS branch")
-    w2: float = opt(0.5, ge=0.0, le=1.0, doc="fusion weight of the CE branch")
+    fusion: dict[str, float] = opt(
+        {"ce": 0.5, "kps": 0.5},  # equal weights on the paper's pair, as a file without it has
+        ge=0.0,
+        le=1.0,
+        doc="each branch's weight in the fused embedding, on the simplex (they sum to 1), summed in "
+        "this order; a file without it: equal weights",
+    )
     ldam_max_m: float = opt(0.5, ge=0.0, doc="LDAM (ffn, ldam_drw): the rarest class's margin")
     ldam_s: float = opt(30.0, gt=0.0, doc="LDAM (ffn, ldam_drw): the logit scale s")
     device: str = opt(
@@ -281,11 +286,6 @@ class Stage2Config:
             for key in dataclasses.fields(grid) if dataclasses.is_dataclass(grid) else ():
                 if isinstance(getattr(grid, key.name), list) and not getattr(grid, key.name):
                     raise ConfigError(f"{prefix}{section.name}.{key.name}: expected at least one value")
-        if not math.isclose(self.w1 + self.w2, 1.0, abs_tol=1e-6):
-            raise ConfigError(
-                f"{prefix}w1 + {prefix}w2: the fusion weights must sum to 1, "
-                f"got {self.w1} + {self.w2} = {self.w1 + self.w2:g}"
-            )
 
 
 @dataclass
@@ -296,7 +296,8 @@ class CacheConfig:
     store: str = opt(
         "normalized",
         choices=["normalized", "fused"],
-        doc="normalized: both branches' unit embeddings (w1 can change later); fused: only z (half the size)",
+        doc="normalized: each branch's unit embedding (the fusion can change later); fused: only z "
+        "(a fraction of the size)",
     )
     dtype: str = opt(
         "fp16",
@@ -312,10 +313,6 @@ class DistConfig:
     engine: str = opt("ddp", choices=["ddp", "deepspeed"], doc="data parallelism inside each branch's group")
     nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
     zero_stage: int = opt(0, ge=0, le=2, doc="DeepSpeed ZeRO stage")
-
-
-# The names stage 1 and the stages after it know in this release (the roles of the paper's pair).
-BRANCH_NAMES = ("ce", "kps")
 
 
 @dataclass
@@ -366,12 +363,21 @@ def paper_branches() -> dict[str, BranchConfig]:
 
 
 def _check_branches(branches: dict[str, BranchConfig]) -> None:
-    if tuple(branches) != BRANCH_NAMES:
+    if len(branches) < 2:
         raise ConfigError(
-            f"branches: this release trains the two branches {' and '.join(BRANCH_NAMES)}, in that order "
-            "(each with its own loss, head, sampler, mixup and processes); "
-            f"got {', '.join(branches) or 'none'}"
+            "branches: FFN fuses two branches or more (each with its own loss, head, sampler, mixup "
+            f"and processes); got {', '.join(branches) or 'none'}"
         )
+
+
+def head_branch(cfg: Config) -> str:
+    """The branch whose stage-1 head stage 2's cosine classifier starts from: the first with a
+    cosine head that the fusion weighs (the paper's KPS branch), else the first with a cosine
+    head, else the first. So a fusion that weighs a branch 0 trains exactly as the fusion of
+    the others alone."""
+    cosine = [name for name, branch in cfg.branches.items() if branch.head == "cosine"]
+    used = [name for name in cosine if name in weighed(cfg.stage2.fusion)]
+    return (used or cosine or list(cfg.branches))[0]
 
 
 @dataclass
@@ -424,6 +430,19 @@ class Config:
 
     def validate(self, prefix: str) -> None:
         _check_branches(self.branches)
+        fusion = self.stage2.fusion
+        if set(fusion) != set(self.branches):
+            extra = [name for name in fusion if name not in self.branches]
+            missing = [name for name in self.branches if name not in fusion]
+            what = "not a branch" if extra else "no weight for this branch"
+            raise ConfigError(
+                f"stage2.fusion.{(extra or missing)[0]}: {what}; the fusion weighs each branch once, got "
+                f"weights for {', '.join(fusion)} and the branches {', '.join(self.branches)}"
+            )
+        try:
+            check_weights(fusion)
+        except FFNError as exc:
+            raise ConfigError(f"stage2.fusion: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -436,6 +455,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return f"mapping of name: {_type_name(typing.get_args(tp)[1])}"
     return "null" if tp is type(None) else tp.__name__
 
 
@@ -448,6 +469,11 @@ def _coerce(value, tp, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
+        inner = typing.get_args(tp)[1]
+        return {_name(n, key): _coerce(v, inner, f"{key}.{n}") for n, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -496,6 +522,8 @@ def _check_range(value, meta: dict, key: str) -> None:
 # Keys an earlier release had, and where their setting is now.
 MOVED = {
     "dist.kps_ranks": "branches.kps.processes",
+    "stage2.w1": "stage2.fusion.kps (stage2.fusion: a weight per branch)",
+    "stage2.w2": "stage2.fusion.ce (stage2.fusion: a weight per branch)",
     "stage1.scale_lr": "stage1.lr_reference_batch (the linear scaling rule, explicit)",
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -508,15 +536,19 @@ def _section_map(tp):
     return None
 
 
+def _name(name, key: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{key}: names are lower-case letters, digits and _, got {name!r}")
+    return name
+
+
 def _build_map(inner, given, key: str) -> dict:
     """A named section of settings per entry: `branches: {ce: {...}, kps: {...}}`."""
     if not isinstance(given, dict) or not given:
         raise ConfigError(f"{key}: expected a mapping of name: settings, got {given!r}")
     built = {}
     for name, body in given.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigError(f"{key}: names are lower-case letters, digits and _, got {name!r}")
-        built[name] = _build(inner, body or {}, f"{key}.{name}.")
+        built[_name(name, key)] = _build(inner, body or {}, f"{key}.{name}.")
     return built
 
 
@@ -552,6 +584,9 @@ def _build(cls, raw: dict, prefix: str):
             if isinstance(values[name], list):
                 for i, item in enumerate(values[name]):
                     _check_range(item, f.metadata, f"{key}[{i}]")
+            if isinstance(values[name], dict):
+                for item, value in values[name].items():
+                    _check_range(value, f.metadata, f"{key}.{item}")
     obj = cls(**values)
     for name in fields:  # defaults in their declared types too ([160, 180] as floats)
         if name not in raw and not dataclasses.is_dataclass(hints[name]) and not _section_map(hints[name]):
@@ -615,6 +650,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     _migrate(raw)
     for text in overrides:
         _apply_override(raw, *parse_override(text))
+    _default_fusion(raw)
     try:
         return _build(Config, raw, "")
     except ConfigError as exc:
@@ -635,7 +671,7 @@ def _allowed(tp, meta: dict) -> str:
 
 def _shown(value) -> str:
     """A value as YAML writes it in one line (`null`, `[0.5, 0.5]`)."""
-    return yaml.safe_dump(value, default_flow_style=True).split("\n...")[0].strip()
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).split("\n...")[0].strip()
 
 
 def describe_settings(cfg: Config | None = None) -> list[dict]:
@@ -689,7 +725,7 @@ def settings_reference() -> str:
 
 
 def with_settings(cfg: Config, settings: dict) -> Config:
-    """`cfg` with some settings changed ({"stage2.w1": 0.3, ...}), validated like a loaded one:
+    """`cfg` with some settings changed ({"stage2.method": "crt", ...}), validated like a loaded one:
     how the drivers (--sweep, --methods, --seeds) run a stage under overrides."""
     raw = dataclasses.asdict(cfg)
     for key, value in settings.items():
@@ -699,13 +735,24 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 
 def _migrate(raw: dict) -> None:
     """A file of an earlier release (a run's frozen config) read as this one: its
-    `dist.kps_ranks` is the KPS branch's processes. (An override of it is refused: MOVED.)"""
+    `dist.kps_ranks` is the KPS branch's processes, its `stage2.w1` and `w2` the KPS and CE
+    branches' fusion weights. (An override of them is refused: MOVED.)"""
     dist = raw.get("dist")
     if isinstance(dist, dict) and "kps_ranks" in dist:
         kps_ranks = dist.pop("kps_ranks")
         kps = raw["branches"].get("kps") if isinstance(raw["branches"], dict) else None
         if kps_ranks is not None and isinstance(kps, dict):
             kps["processes"] = kps_ranks
+    stage2 = raw.get("stage2")
+    if isinstance(stage2, dict) and "w1" in stage2 and "fusion" not in stage2:
+        stage2["fusion"] = {"kps": stage2.pop("w1"), "ce": stage2.pop("w2", None)}
+
+
+def _default_fusion(raw: dict) -> None:
+    """A file without `stage2.fusion` weighs its branches equally."""
+    branches, stage2 = raw.get("branches"), raw.setdefault("stage2", {})
+    if isinstance(stage2, dict) and "fusion" not in stage2 and isinstance(branches, dict) and branches:
+        stage2["fusion"] = dict(zip(branches, equal_weights(len(branches)), strict=True))
 
 
 def _as_raw(sections: dict) -> dict:

@@ -1,16 +1,17 @@
 """The drivers of the classifier stage: `--sweep`, `--methods` and `--seeds` run that one stage
 under overrides, and build their tables and statistics from its records.
 
-  ffn train-classifier CONFIG --sweep w1=0:1:0.1     FFN's classifier at each w1 (paper Table 3)
+  ffn train-classifier CONFIG --sweep kps=0:1:0.1    FFN's classifier along one weight (paper Table 3)
+  ffn train-classifier CONFIG --sweep grid=0.1       ... at every point of the simplex, step 0.1
   ffn train-classifier CONFIG --methods all          every method on every feature source
   ffn train-classifier CONFIG --methods all --seeds 3
 
-Each point (a method at a fusion weight and a stage-2 seed) is the classifier stage of the
-run's config with `stage2.method`, `stage2.w1` / `w2` and `stage2.seed` overridden: a record
-of its own, reused when current, trained again, saying why, when not. The feature sources
-are the CE branch's unit embeddings (w1 = 0), the KPS branch's (w1 = 1) and the fused ones
-(w1 chosen on val by FFN's sweep, else the config's). Tables go to `classifier/sweep.*` and
-`classifier/methods/` (another seed's: `classifier/methods/seedN/`).
+Each point (a method at a fusion and a stage-2 seed) is the classifier stage of the run's
+config with `stage2.method`, `stage2.fusion` and `stage2.seed` overridden: a record of its
+own, reused when current, trained again, saying why, when not. The feature sources are each
+branch's unit embeddings alone and the fused ones (chosen on val by FFN's sweep, else the
+config's). Tables go to `classifier/sweep.*` and `classifier/methods/` (another seed's:
+`classifier/methods/seedN/`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ffn_dist.cache.store import FeatureCache
 from ffn_dist.config import Config, with_settings
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
-from ffn_dist.models.heads import fusion_pair
+from ffn_dist.fusion import along, describe_fusion, one_hot, simplex_grid
 from ffn_dist.plots import figure
 from ffn_dist.run.paths import classifier_root, methods_dir
 from ffn_dist.rundir import holds_run_dir
@@ -42,28 +43,34 @@ from ffn_dist.tables import (
     spread,
 )
 
-SOURCES = ("ce", "kps", "fused")
-W1_GRID = [round(0.1 * i, 1) for i in range(11)]
+FUSED = "fused"  # the feature source of the fusion, beside one per branch
+GRID_STEP = 0.1  # the simplex grid --methods chooses the fusion on
 SWEEP_COLUMNS = ("top1", "top5", "many", "medium", "few")
 
 
-def point(cfg: Config, method: str | None = None, w1: float | None = None, seed: int | None = None) -> Config:
+def point(cfg: Config, method: str | None = None, fusion: dict | None = None, seed: int | None = None):
     """The run's config with the classifier stage's overrides of one point."""
     s2 = cfg.stage2
-    w1, w2 = fusion_pair(s2.w1 if w1 is None else w1)
     seed = s2.seed if seed is None or seed == cfg.seed else seed
-    return with_settings(
-        cfg, {"stage2.method": method or s2.method, "stage2.w1": w1, "stage2.w2": w2, "stage2.seed": seed}
-    )
+    settings = {"stage2.method": method or s2.method, "stage2.fusion": dict(fusion or s2.fusion)}
+    return with_settings(cfg, {**settings, "stage2.seed": seed})
 
 
 # ----------------------------------------------------------------------------- the sweep
-def parse_sweep(text: str) -> list[float]:
-    """`w1=START:STOP:STEP` (both ends included) or `w1=A,B,C`, each in [0, 1]."""
-    key, _, spec = text.partition("=")
-    if key.strip() != "w1" or not spec:
-        raise FFNError(f"--sweep {text!r}: expected w1=START:STOP:STEP or w1=A,B,C")
+def parse_sweep(text: str, fusion: dict[str, float]) -> list[dict[str, float]]:
+    """The fusions of `--sweep`: `BRANCH=START:STOP:STEP` (both ends included) or
+    `BRANCH=A,B,C`, each in [0, 1], the other of two branches at 1 minus it; or `grid=STEP`,
+    every point of the simplex over the branches in steps of STEP."""
+    key, _, spec = (part.strip() for part in text.partition("="))
+    expected = (
+        "expected grid=STEP or, for two branches, BRANCH=START:STOP:STEP or BRANCH=A,B,C "
+        f"(branches: {', '.join(fusion)})"
+    )
+    if not spec or (key != "grid" and key not in fusion):
+        raise FFNError(f"--sweep {text!r}: {expected}")
     try:
+        if key == "grid":
+            return simplex_grid(fusion, float(spec))
         if ":" in spec:
             start, stop, step = (float(x) for x in spec.split(":"))
             if step <= 0 or stop < start:
@@ -72,13 +79,11 @@ def parse_sweep(text: str) -> list[float]:
         else:
             values = [float(x) for x in spec.split(",")]
     except ValueError:
-        raise FFNError(
-            f"--sweep {text!r}: expected w1=START:STOP:STEP (STEP > 0, STOP >= START) or w1=A,B,C"
-        ) from None
+        raise FFNError(f"--sweep {text!r}: {expected} (STEP > 0, STOP >= START)") from None
     values = sorted({round(float(v), 6) for v in values})  # floats: a numpy scalar fails weights_only loads
     if not all(0.0 <= v <= 1.0 for v in values):
-        raise FFNError(f"--sweep {text!r}: every w1 must be in [0, 1], got {values}")
-    return values
+        raise FFNError(f"--sweep {text!r}: every weight must be in [0, 1], got {values}")
+    return along(fusion, key, values)
 
 
 def val_choice(results: list[dict]) -> dict | None:
@@ -87,46 +92,59 @@ def val_choice(results: list[dict]) -> dict | None:
     return max(with_val, key=lambda r: r["val"]["top1"]) if with_val else None
 
 
-def fused_sweep(cfg: Config, cache: FeatureCache, w1s: list[float]) -> list[dict]:
-    """FFN's classifier (the configured method) at each w1: the points' results."""
-    return [fit_classifier(point(cfg, w1=w1), cache, freeze=False) for w1 in w1s]
+def fused_sweep(cfg: Config, cache: FeatureCache, fusions: list[dict]) -> list[dict]:
+    """FFN's classifier (the configured method) at each fusion: the points' results."""
+    return [fit_classifier(point(cfg, fusion=fusion), cache, freeze=False) for fusion in fusions]
 
 
 @holds_run_dir
-def run_sweep(cfg: Config, w1s: list[float]) -> list[dict]:
-    """`--sweep`: the stage itself, then a point per w1; the table, JSON and plot."""
+def run_sweep(cfg: Config, fusions: list[dict]) -> list[dict]:
+    """`--sweep`: the stage itself, then a point per fusion; the table, JSON and (along one
+    weight) the plot."""
     cache = open_run_cache(cfg)
     fit_classifier(cfg, cache)
-    results = fused_sweep(cfg, cache, w1s)
+    print(f"fusion sweep: {len(fusions)} points over {', '.join(cfg.stage2.fusion)}", flush=True)
+    results = fused_sweep(cfg, cache, fusions)
     out = classifier_root(cfg)
     table = sweep_table(results)
     write_text(out / "sweep.md", table + "\n")
-    write_json(out / "sweep.json", [{k: r.get(k) for k in ("w1", "w2", "val", "test")} for r in results])
-    plot_sweep(results, out / "sweep.png", f"{cfg.name}: fusion sweep ({cfg.stage2.method})")
-    print(f"\nfusion sweep, test accuracy (%):\n{table}\n(table, JSON and plot in {out})", flush=True)
+    write_json(out / "sweep.json", [{k: r.get(k) for k in ("fusion", "val", "test")} for r in results])
+    varied = varied_weight(fusions)
+    if varied:
+        plot_sweep(results, varied, out / "sweep.png", f"{cfg.name}: fusion sweep ({cfg.stage2.method})")
+    shown = "table, JSON and plot" if varied else "table and JSON"
+    print(f"\nfusion sweep, test accuracy (%):\n{table}\n({shown} in {out})", flush=True)
     return results
+
+
+def varied_weight(fusions: list[dict]) -> str | None:
+    """The first branch whose weight a sweep of two branches varies (the x of its plot);
+    None for a simplex of three or more."""
+    names = list(fusions[0]) if fusions else []
+    return names[0] if len(names) == 2 else None
 
 
 def sweep_table(results: list[dict]) -> str:
     chosen = val_choice(results)
+    names = list(results[0]["fusion"]) if results else []
     rows = [
-        [f"{r['w1']:.1f}" + (" (chosen on val)" if r is chosen else ""), f"{r['w2']:.1f}"]
-        + [number((r.get("val") or {}).get("top1"))]
+        [f"{w:.2f}" for w in r["fusion"].values()]
+        + [number((r.get("val") or {}).get("top1")) + (" (chosen)" if r is chosen else "")]
         + accuracy_cells(r["test"], SWEEP_COLUMNS)
         for r in results
     ]
-    return markdown_table(["w1 (KPS)", "w2 (CE)", "val top-1", *column_names(SWEEP_COLUMNS)], rows)
+    return markdown_table([*names, "val top-1", *column_names(SWEEP_COLUMNS)], rows)
 
 
-def plot_sweep(results: list[dict], path: Path, title: str) -> None:
+def plot_sweep(results: list[dict], varied: str, path: Path, title: str) -> None:
     with figure(path, figsize=(5, 3.5)) as (_, ax):
-        w1 = [r["w1"] for r in results]
-        ax.plot(w1, [r["test"]["top1"] for r in results], "o-", label="top-1")
+        weights = [r["fusion"][varied] for r in results]
+        ax.plot(weights, [r["test"]["top1"] for r in results], "o-", label="top-1")
         for group in ("many", "medium", "few"):
             values = [r["test"][group] for r in results]
             if all(v is not None for v in values):
-                ax.plot(w1, values, ".--", alpha=0.6, label=group)
-        ax.set_xlabel("w1 (KPS weight); w2 = 1 - w1")
+                ax.plot(weights, values, ".--", alpha=0.6, label=group)
+        ax.set_xlabel(f"{varied}'s fusion weight (the other: 1 minus it)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.legend(fontsize=8)
@@ -142,22 +160,26 @@ def parse_methods(text: str) -> list[str]:
     return [name for name in METHODS if name in names]
 
 
-def sources(cfg: Config, cache: FeatureCache) -> list[tuple[str, float]]:
-    """(name, w1) of each feature source; a fused cache holds only its own w1."""
+def sources(cfg: Config, cache: FeatureCache) -> list[tuple[str, dict]]:
+    """(name, fusion) of each feature source: each branch alone, then the fusion; a fused
+    cache holds only its own fusion."""
     if cache.manifest["store"] == "fused":
-        w1 = cache.manifest["fusion"]["w1"]
+        fusion = cache.manifest["fusion"]
         print(
-            f"[methods] this cache stores only the fused embedding at w1={w1:g} (cache.store=fused): "
-            "the methods run on it alone; CE and KPS features and a w1 chosen on val need "
-            "cache.store: normalized",
+            f"[methods] this cache stores only the fused embedding at {describe_fusion(fusion)} "
+            "(cache.store=fused): the methods run on it alone; each branch's features and a fusion "
+            "chosen on val need cache.store: normalized",
             flush=True,
         )
-        return [("fused", w1)]
+        return [(FUSED, fusion)]
+    names = list(cfg.stage2.fusion)
     if selection_split(cfg, "val" in cache.splits) is None:
-        fused = cfg.stage2.w1
+        fused = cfg.stage2.fusion
     else:  # FFN's sweep, chosen on val
-        fused = val_choice(fused_sweep(point(cfg, "ffn"), cache, W1_GRID))["w1"]
-    return [("ce", 0.0), ("kps", 1.0), ("fused", fused)]
+        grid = simplex_grid(names, GRID_STEP)
+        print(f"[methods] choosing the fusion on val: {len(grid)} points, step {GRID_STEP:g}", flush=True)
+        fused = val_choice(fused_sweep(point(cfg, "ffn"), cache, grid))["fusion"]
+    return [*((name, one_hot(names, name)) for name in names), (FUSED, fused)]
 
 
 def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], seed: int | None = None) -> dict:
@@ -166,14 +188,14 @@ def compare_methods(cfg: Config, cache: FeatureCache, methods: list[str], seed: 
     start = time.perf_counter()
     seeded = point(cfg, seed=seed)
     rows = []
-    for name, w1 in sources(seeded, cache):
+    for name, fusion in sources(seeded, cache):
         for method in methods:
-            result = fit_classifier(point(seeded, method, w1), cache, freeze=False)
+            result = fit_classifier(point(seeded, method, fusion), cache, freeze=False)
             rows.append(
                 {
                     "method": method,
                     "features": name,
-                    **{k: result[k] for k in ("w1", "chosen", "test", "val")},
+                    **{k: result[k] for k in ("fusion", "chosen", "test", "val")},
                 }
             )
             print(f"[methods] {method:<16} {name:<5} test top-1 {result['test']['top1']:.2f}", flush=True)
@@ -231,13 +253,13 @@ def summarise_seeds(bodies: list[dict]) -> dict:
     its paired difference to FFN's classifier on fused features (seed by seed: the same
     cache), and per seed the fused-feature method best on val."""
     keyed = [{(r["method"], r["features"]): r for r in body["rows"]} for body in bodies]
-    ffn = [by_key.get(("ffn", "fused"), {}).get("test", {}).get("top1") for by_key in keyed]
+    ffn = [by_key.get(("ffn", FUSED), {}).get("test", {}).get("top1") for by_key in keyed]
     rows = []
     for key in keyed[0]:
         found = [by_key.get(key) for by_key in keyed]
         if any(r is None for r in found):
             continue
-        fused = key[1] == "fused" and None not in ffn
+        fused = key[1] == FUSED and None not in ffn
         rows.append(
             {
                 "method": key[0],
@@ -263,7 +285,7 @@ def _selected_on_val(keyed: list[dict], ffn: list) -> dict | None:
     """Per seed, the fused-feature method with the best val top-1, and its test top-1 against FFN's."""
     picks = []
     for by_key in keyed:
-        fused = [r for (_, features), r in by_key.items() if features == "fused" and r.get("val")]
+        fused = [r for (_, features), r in by_key.items() if features == FUSED and r.get("val")]
         if not fused or None in ffn:
             return None
         best = max(fused, key=lambda r: r["val"]["top1"])
@@ -322,9 +344,10 @@ def methods_table(rows: list[dict], chosen_on: str, best: dict | None) -> str:
 
 def plot_methods(rows: list[dict], path: Path, title: str) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    sources = list(dict.fromkeys(r["features"] for r in rows))
     with figure(path, figsize=(max(6, 1.1 * len(methods)), 3.8)) as (_, ax):
-        width = 0.8 / len(SOURCES)
-        for i, source in enumerate(SOURCES):
+        width = 0.8 / len(sources)
+        for i, source in enumerate(sources):
             found = {r["method"]: r["test"]["top1"] for r in rows if r["features"] == source}
             xs = [m + i * width for m, name in enumerate(methods) if name in found]
             ax.bar(xs, [found[name] for name in methods if name in found], width, label=f"{source} features")

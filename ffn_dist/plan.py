@@ -180,7 +180,8 @@ def probe_classifier(cfg: Config, train_rows: int, dims: int, scratch: Path) -> 
     from ffn_dist.bench.stage2 import cache_epoch_runner, write_synthetic_cache
 
     rows = min(train_rows, CLASSIFIER_ROWS)
-    cache = write_synthetic_cache(scratch / "cache", rows, dims, cfg.data.num_classes, test_rows=64)
+    classes = cfg.data.num_classes
+    cache = write_synthetic_cache(scratch / "cache", cfg.branches, rows, dims, classes, test_rows=64)
     run, _ = cache_epoch_runner(cfg, cache)
     times = [run() for _ in range(3)]
     return statistics.median(times[1:]) * train_rows / rows, peak_memory_gb(_device_of_classifier(cfg, dims))
@@ -204,13 +205,11 @@ def run_probe(cfg: Config, processes: int, steps: int, dims: int, train_rows: in
         measured = probe_stage1(cfg, processes, steps, scratch / "stage1")
         epoch_s, classifier_memory = probe_classifier(cfg, train_rows, dims, scratch)
     notes = []
-    first = next(iter(measured.values()))
+    timed = next(iter(measured))
     for branch in cfg.branches:
         if branch not in measured:
-            measured[branch] = first
-            notes.append(
-                f"{branch}: not timed (one process trains the branches in turn), taken as the other's"
-            )
+            measured[branch] = measured[timed]
+            notes.append(f"{branch}: not timed (one process trains the branches in turn), taken as {timed}'s")
     return Probe(
         processes=processes,
         device="cuda" if visible_gpus() else "cpu",
@@ -256,7 +255,7 @@ def predict(cfg: Config, probe: Probe, shape: RunShape, dp_efficiency: float) ->
     }
     stage1_s = probe.startup_s + (sum(branch_s.values()) if shared else max(branch_s.values()))
     cache_rows = n["train"] * cfg.cache.train_views + n.get("val", 0) + n["test"]
-    cache_s = probe.startup_s + cache_rows / target * sum(forward_s.values())  # both backbones a row
+    cache_s = probe.startup_s + cache_rows / target * sum(forward_s.values())  # every backbone a row
     fits = _fits(cfg, "val" in n)
     classifier_s = fits * s2.epochs * probe.classifier_epoch_s
     stored = 1 if cfg.cache.store == "fused" else len(cfg.branches)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ffn_dist.errors import FFNError
+from ffn_dist.fusion import describe_fusion
 from ffn_dist.priors import logit_adjustment, read_prior
 from ffn_dist.progress import progress
 
@@ -72,6 +73,10 @@ class ExportedModel:
             )
         self.meta = json.loads(described.read_text())
         self.classes = self.meta["classes"]
+        # what the model is: 'ffn (kps 0.5, ce 0.5)'; an export of format 1 gave w1 alone
+        fusion = self.meta.get("fusion")
+        shown = describe_fusion(fusion) if fusion else f"w1={self.meta.get('w1', 0.0):g}"
+        self.name = f"{self.meta.get('method', 'ffn')} ({shown})"
         self.runtime = runtime
         # --prior: the logits move from the training prior to the one given (priors.py)
         self.adjustment = (

@@ -1,5 +1,5 @@
 """The one Markdown table writer, and the cells that go in it: accuracies, and figures over
-seeds as mean ± standard deviation. Every table `ffn` prints or writes (the report, the w1
+seeds as mean ± standard deviation. Every table `ffn` prints or writes (the report, the fusion
 sweep, `--methods`, the benchmarks) is made here."""
 
 from __future__ import annotations

@@ -212,8 +212,9 @@ def test_the_gpu_check_runs_through_on_the_cpu_without_dali(tmp_path):
     assert stage1["stage1_vs_bare"] > 0 and stage1["step_profile"]["ms_per_step"]
     assert check["cache"]["cache_vs_plain"] > 0 and check["cache"]["size_vs_payload"] >= 1.0
     assert check["stage2"]["large"]["rows"] == 2000 and check["stage2"]["large_epoch_vs_matmul_bound"] > 0
-    assert set(check["demo"]["top1"]) == {"CE", "KPS", "FFN (w1=0.5)"} and check["demo"]["wall_s"] >= 0
-    assert "| FFN (w1=0.5) |" in check["demo"]["table"]
+    assert set(check["demo"]["top1"]) == {"CE", "KPS", "FFN (kps 0.5, ce 0.5)"}
+    assert check["demo"]["wall_s"] >= 0
+    assert "| FFN (kps 0.5, ce 0.5) |" in check["demo"]["table"]
     # the second call, the paper schedule alone: without the archive it fails saying where it
     # looked, and an older run's figures left in the work directory are not reported as its own
     stale = tmp_path / "work" / "accuracy" / "paper" / "accuracy.json"
@@ -241,16 +242,18 @@ def _accuracies(top1):
 def _seed_run(seed, ffn, crt):
     """One seed's figures as `run_seed` records them (no training)."""
     rows = [
-        {"method": m, "features": "fused", "w1": 0.9, "chosen": {"selected_on": "val"}, "val": {"top1": v},
-         "test": _accuracies(t)}
+        {"method": m, "features": "fused", "fusion": {"kps": 0.9, "ce": 0.1},
+         "chosen": {"selected_on": "val"}, "val": {"top1": v}, "test": _accuracies(t)}
         for m, t, v in (("ffn", ffn, 60.0), ("crt", crt, 61.0 + seed))
     ]  # fmt: skip
     return {
         "seed": seed,
         "train_counts": [3, 2, 1],
         "figures": {"CE": _accuracies(30.0 + seed), "KPS": _accuracies(20.0), "FFN": _accuracies(ffn)},
-        "w1": 0.5,
-        "sweep": [{"w1": w1, **_accuracies(50.0 + 10 * w1 + seed)} for w1 in (0.0, 0.5, 1.0)],
+        "fusion": {"kps": 0.5, "ce": 0.5},
+        "sweep": [
+            {"fusion": {"kps": w, "ce": 1 - w}, **_accuracies(50.0 + 10 * w + seed)} for w in (0.0, 0.5, 1.0)
+        ],
         "methods": {
             "selected_on": "val",
             "best_on_val": {"method": "crt", "features": "fused"},
@@ -266,7 +269,8 @@ def test_bench_accuracy_over_seeds_reports_mean_std_per_seed_and_the_verdict():
     ce = body["figures"]["CE"]["top1"]
     assert ce["values"] == [30.0, 31.0, 32.0] and ce["mean"] == 31.0 and ce["std"] == pytest.approx(1.0)
     assert body["figures"]["FFN"]["few"] is None  # CIFAR-10-LT has no few-shot class
-    assert body["sweep_peak_w1"] == 1.0 and not body["sweep_peaks_inside"]
+    assert body["sweep_peak"] == {"kps": 1.0, "ce": 0.0} and not body["sweep_peaks_inside"]
+    assert "| FFN (kps 0.5, ce 0.5) |" in markdown and "| kps | ce | test top-1 | per seed |" in markdown
     crt = next(r for r in body["methods"] if r["method"] == "crt")
     assert crt["vs_ffn"]["values"] == [2.0, 1.5, 1.0] and crt["vs_ffn"]["mean"] == pytest.approx(1.5)
     assert body["selected_on_val"]["per_seed"][0]["method"] == "crt"
@@ -275,7 +279,7 @@ def test_bench_accuracy_over_seeds_reports_mean_std_per_seed_and_the_verdict():
     assert "crt, +1.50 ± 0.50 points" in markdown and "at least one point better" in markdown
     assert body["calibration"]["FFN"]["measured"] == pytest.approx(58.0)
     _, one = summarise_runs("cpu", runs[:1])
-    assert "±" not in one.split("## The w1 sweep")[0]  # one seed: no spread to show
+    assert "±" not in one.split("## The fusion sweep")[0]  # one seed: no spread to show
 
 
 def test_spread_formats_mean_and_standard_deviation():

@@ -3,12 +3,12 @@ share of the processes come from `branches.NAME`, and reach the trainer, the ide
 run."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from ffn_dist.cache.shards import MappedShard
 from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.distributed import make_branches
@@ -16,7 +16,8 @@ from ffn_dist.losses import LDAMLoss, LogitAdjustedLoss, class_balanced_weights
 from ffn_dist.models.heads import CosineHead, LinearHead
 from ffn_dist.run.stages import stage_inputs
 from ffn_dist.stages.backbones import BranchTrainer, branch_probability_scale
-from tests.conftest import CONFIG, REPO, run_ffn, tiny_overrides
+from tests.conftest import CONFIG, run_ffn, tiny_overrides
+from tests.test_export import assert_the_export_equals_the_report
 
 OTHER_PAIR = [
     "branches.ce.loss=ldam",
@@ -60,18 +61,49 @@ def test_a_branchs_training_settings_are_stage_1_inputs_and_its_processes_are_no
     assert not any(key.endswith(".processes") for key in inputs)
 
 
-def test_ffn_run_trains_another_pair_end_to_end(tmp_path):
-    shutil.copy(REPO / "configs" / "demo.yaml", tmp_path / "demo.yaml")
+# A third branch beside OTHER_PAIR, and the fusion of the three.
+THIRD = [
+    "branches.lt.loss=logit_adjusted",
+    "branches.lt.sampler=sqrt",
+    "stage2.fusion={kps: 0.4, ce: 0.3, lt: 0.3}",
+]
+
+
+def test_ffn_run_trains_three_branches_end_to_end_and_exports_their_fusion(tmp_path):
     short = ["stage1.epochs=2", "stage1.eval_every=2", "data.batch_size=32", "cache.train_views=1"]
-    result = run_ffn("run", "demo.yaml", *short, "stage2.epochs=2", *OTHER_PAIR, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    three = [*short, "stage2.epochs=2", *OTHER_PAIR, *THIRD]
+    refused = run_ffn("run", "demo", *three, "dist.nproc=2", cwd=tmp_path)  # a process a branch, or one
+    assert (
+        refused.returncode == 2 and "dist.nproc: 2 processes for 3 branches (ce, kps, lt)" in refused.stderr
+    )
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+    for command in ("run", "export"):
+        result = run_ffn(command, "demo", *three, "dist.nproc=3", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "demo"
-    reports = {b: json.loads((run_dir / "stage1" / b / "report.json").read_text()) for b in ("ce", "kps")}
+    reports = {
+        b: json.loads((run_dir / "stage1" / b / "report.json").read_text()) for b in ("ce", "kps", "lt")
+    }
     assert (reports["ce"]["settings"]["loss"], reports["ce"]["settings"]["drw"]) == ("ldam", True)
     assert reports["kps"]["settings"]["sampler"] == "class_balanced"
+    assert (reports["lt"]["settings"]["loss"], reports["lt"]["settings"]["sampler"]) == (
+        "logit_adjusted",
+        "sqrt",
+    )
+    shard = next((run_dir / "cache" / "test").rglob("*.safetensors"))
+    assert set(MappedShard(shard).arrays) == {"ce", "kps", "lt", "labels", "indices"}  # each branch's
     final = json.loads((run_dir / "report" / "report.json").read_text())
-    assert list(final["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    ffn = "FFN (kps 0.4, ce 0.3, lt 0.3)"
+    assert list(final["methods"]) == ["CE", "KPS", "LT", ffn]  # a row per branch, then the fusion
     assert all(np.isfinite(m["top1"]) and m["samples"] == 300 for m in final["methods"].values())
+    meta = json.loads((run_dir / "export" / "model.json").read_text())
+    assert meta["fusion"] == {"kps": 0.4, "ce": 0.3, "lt": 0.3}
+    for runtime in ("onnx", "torch"):  # one graph of the three backbones, scored as the report scored it
+        assert_the_export_equals_the_report(tmp_path, runtime, final["methods"][ffn])
+    status = run_ffn("status", "demo", *three, "dist.nproc=3", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "branches: ce (ldam loss, cosine head, DRW, no mixup); kps (" in status.stdout
+    assert "; lt (logit_adjusted loss, linear head, sqrt sampler)" in status.stdout
 
 
 def test_training_one_branch_alone_names_the_branches_when_it_is_not_one(tiny_root, tmp_path):

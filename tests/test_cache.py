@@ -60,19 +60,19 @@ def test_two_processes_cache_every_sample_of_every_view_once(cached_run, tiny_ro
     assert not torch.allclose(by_view[1], by_view[2], atol=1e-2)
 
 
-@pytest.mark.parametrize("w1", [0.5, 0.9])
-def test_logits_from_the_cache_equal_logits_from_the_live_backbones(cached_run, tiny_root, w1):
+@pytest.mark.parametrize("fusion", [{"kps": 0.5, "ce": 0.5}, {"kps": 0.9, "ce": 0.1}])
+def test_logits_from_the_cache_equal_logits_from_the_live_backbones(cached_run, tiny_root, fusion):
     cfg = load_config(CONFIG, overrides(tiny_root, cached_run))
     test = open_run_cache(cfg).splits["test"]
     head = CosineHead(64, 10)
     rows = test.rows_of_view(0)
-    cached = head(test.fused(rows, w1, 1 - w1), normalized=True)[np.argsort(test.indices[rows])]
+    cached = head(test.fused(rows, fusion), normalized=True)[np.argsort(test.indices[rows])]
     networks = {b: load_frozen(cfg, b, torch.device("cpu")) for b in ("ce", "kps")}
     live = []
     with torch.no_grad():
         for batch in build_loader(cfg.data, open_dataset(cfg.data).test, train=False):
-            f_ce, f_kps = (networks[b].embed(batch.images) for b in ("ce", "kps"))
-            live.append(head(fused_embedding(f_kps, f_ce, w1, 1 - w1), normalized=True))
+            features = {b: networks[b].embed(batch.images) for b in ("ce", "kps")}
+            live.append(head(fused_embedding(features, fusion), normalized=True))
     live = torch.cat(live)
     assert live.shape == cached.shape == (TEST_IMAGES, 10)
     assert (live - cached).abs().max() < 1e-4  # the test split is computed and stored in fp32
@@ -131,11 +131,12 @@ def test_fused_store_holds_only_z_for_its_weights(cached_run, tiny_root, tmp_pat
     full = open_run_cache(load_config(CONFIG, overrides(tiny_root, cached_run))).splits["test"]
     assert set(MappedShard(fused.shards[0].path).arrays) == {"fused", "labels", "indices"}
     order_f, order_n = np.argsort(fused.indices), np.argsort(full.indices[full.rows_of_view(0)])
-    z = fused.fused(np.arange(len(fused))[order_f], 0.5, 0.5)
-    reference = full.fused(full.rows_of_view(0)[order_n], 0.5, 0.5)
+    z = fused.fused(np.arange(len(fused))[order_f], {"kps": 0.5, "ce": 0.5})
+    reference = full.fused(full.rows_of_view(0)[order_n], {"kps": 0.5, "ce": 0.5})
     assert torch.allclose(z, reference, atol=2e-3)
-    with pytest.raises(CacheError, match="stores only z for w1=0.5"):
-        fused.fused(np.arange(3), 0.3, 0.7)
+    refused = r"stores only z for kps 0.5, ce 0.5 \(cache.store=fused\), not kps 0.3, ce 0.7"
+    with pytest.raises(CacheError, match=refused):
+        fused.fused(np.arange(3), {"kps": 0.3, "ce": 0.7})
 
 
 def test_the_cache_starts_its_loader_workers_once_for_every_view_and_split(

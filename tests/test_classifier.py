@@ -19,26 +19,37 @@ from ffn_dist.stages.epochs import CosineStep
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 from tests.test_methods import KPS_HEAD, synthetic_run
 
+PAIR = {"kps": 0.5, "ce": 0.5}
 
-def test_parse_sweep_ranges_lists_and_refusals():
-    assert parse_sweep("w1=0:1:0.1") == [round(0.1 * i, 6) for i in range(11)]
-    assert parse_sweep("w1=0.9,0.5") == [0.5, 0.9]
+
+def test_parse_sweep_along_one_weight_over_a_grid_and_its_refusals():
+    along = [{"kps": round(0.1 * i, 6), "ce": round(1 - 0.1 * i, 6)} for i in range(11)]
+    assert parse_sweep("kps=0:1:0.1", PAIR) == along
+    assert parse_sweep("ce=0.9,0.5", PAIR) == [{"kps": 0.5, "ce": 0.5}, {"kps": 0.1, "ce": 0.9}]
     # Python floats: a numpy scalar in a saved classifier once failed a weights-only load
-    assert all(type(w1) is float for w1 in parse_sweep("w1=0:1:0.1"))
-    for bad, message in [
-        ("w2=0:1:0.1", "expected w1=START:STOP:STEP"),
-        ("w1=1:0:0.1", "STOP >= START"),
-        ("w1=0:1:x", "expected w1=START:STOP:STEP"),
-        ("w1=0:2:0.5", "every w1 must be in"),
+    assert all(type(w) is float for point in parse_sweep("kps=0:1:0.1", PAIR) for w in point.values())
+    assert parse_sweep("grid=0.5", PAIR) == along[::5]  # two branches: the grid is the line
+    three = {"ce": 0.4, "kps": 0.4, "bs": 0.2}
+    grid = parse_sweep("grid=0.25", three)
+    assert len(grid) == 15 and len({tuple(p.values()) for p in grid}) == 15  # C(4 + 2, 2) points, each once
+    assert all(list(p) == ["ce", "kps", "bs"] and abs(sum(p.values()) - 1) < 1e-9 for p in grid)
+    assert {"ce": 0.25, "kps": 0.25, "bs": 0.5} in grid and {"ce": 0.0, "kps": 0.0, "bs": 1.0} in grid
+    for bad, fusion, message in [
+        ("w1=0:1:0.1", PAIR, r"expected grid=STEP or, for two branches, BRANCH=START:STOP:STEP .* kps, ce\)"),
+        ("kps=1:0:0.1", PAIR, "STOP >= START"),
+        ("kps=0:1:x", PAIR, "expected grid=STEP"),
+        ("kps=0:2:0.5", PAIR, "every weight must be in"),
+        ("grid=0.3", PAIR, "a simplex grid's step must divide 1"),
+        ("kps=0:1:0.5", three, "a sweep along one weight needs two branches"),
     ]:
         with pytest.raises(FFNError, match=message):
-            parse_sweep(bad)
+            parse_sweep(bad, fusion)
 
 
 def test_the_classifier_learns_the_cache_and_its_record_says_when_it_is_current(tmp_path, demo_root, capsys):
     cfg, cache = synthetic_run(tmp_path, demo_root, "stage2.epochs=6")
     rows = cache.splits["test"].rows_of_view(0)
-    z = cache.splits["test"].fused(rows, 0.5, 0.5)
+    z = cache.splits["test"].fused(rows, PAIR)
     before = (
         100 * (F.normalize(z, dim=1) @ KPS_HEAD.t()).argmax(1).numpy() == cache.splits["test"].labels[rows]
     )
@@ -51,21 +62,22 @@ def test_the_classifier_learns_the_cache_and_its_record_says_when_it_is_current(
     assert 100 * (predicted == cache.splits["test"].labels[rows]).mean() == pytest.approx(
         result["test"]["top1"]
     )
-    record = json.loads((tmp_path / "stages" / "classifier" / "ffn" / "w1_0.50.json").read_text())
+    # a config file without a fusion weighs its branches equally, in their order
+    record = json.loads((tmp_path / "stages" / "classifier" / "ffn" / "ce0.50_kps0.50.json").read_text())
     assert record["status"] == "complete" and set(record["outputs"]) == {
-        "classifier/ffn/w1_0.50/classifier.pt",
-        "classifier/ffn/w1_0.50/result.json",
+        "classifier/ffn/ce0.50_kps0.50/classifier.pt",
+        "classifier/ffn/ce0.50_kps0.50/result.json",
     }
     capsys.readouterr()
     written = (classifier_dir(cfg) / "classifier.pt").stat().st_mtime_ns
     assert fit_classifier(cfg, cache) == result
-    assert "classifier ffn/w1_0.50: complete, skipped" in capsys.readouterr().out
+    assert "classifier ffn/ce0.50_kps0.50: complete, skipped" in capsys.readouterr().out
     assert (classifier_dir(cfg) / "classifier.pt").stat().st_mtime_ns == written
     changed = with_settings(cfg, {"stage2.epochs": 2})
     assert fit_classifier(changed, cache)["epochs"] == 2  # other settings: trained again, saying why
     assert "runs again (stale: stage2.epochs: 6 when it ran, 2 now)" in capsys.readouterr().out
     # a record of a release whose result.json held no calibration: trained again, saying why
-    path = tmp_path / "stages" / "classifier" / "ffn" / "w1_0.50.json"
+    path = tmp_path / "stages" / "classifier" / "ffn" / "ce0.50_kps0.50.json"
     older = json.loads(path.read_text())
     del older["inputs"]["outputs version"]
     path.write_text(json.dumps(older))
@@ -76,26 +88,29 @@ def test_the_classifier_learns_the_cache_and_its_record_says_when_it_is_current(
 def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
     cached_run = shutil.copytree(cached_run, tmp_path / "run")
     args = cache_overrides(tiny_root, cached_run, "stage2.epochs=2")
-    result = run_ffn("train-classifier", CONFIG, *args, "--sweep", "w1=0:1:0.5")
+    result = run_ffn("train-classifier", CONFIG, *args, "--sweep", "kps=0:1:0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     out = cached_run / "classifier"
     table = (out / "sweep.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["0.0", "0.5", "1.0"]
+    assert table[0].split("|")[1:3] == [" kps ", " ce "]
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["0.00", "0.50", "1.00"]
     assert (out / "sweep.png").stat().st_size > 1000
     sweep = json.loads((out / "sweep.json").read_text())
-    assert [s["w1"] for s in sweep] == [0.0, 0.5, 1.0] and all(s["test"]["samples"] == 61 for s in sweep)
+    assert [s["fusion"]["kps"] for s in sweep] == [0.0, 0.5, 1.0]
+    assert all(s["test"]["samples"] == 61 for s in sweep)
     records = sorted(p.name for p in (cached_run / "stages" / "classifier" / "ffn").iterdir())
-    assert records == ["w1_0.00.json", "w1_0.50.json", "w1_1.00.json"]  # the sweep's points are records
-    again = run_ffn("train-classifier", CONFIG, *args, "--sweep", "w1=0:1:0.5")
+    # the sweep's points are records
+    assert records == ["kps0.00_ce1.00.json", "kps0.50_ce0.50.json", "kps1.00_ce0.00.json"]
+    again = run_ffn("train-classifier", CONFIG, *args, "--sweep", "kps=0:1:0.5")
     assert again.stdout.count("complete, skipped") == 4  # the stage itself, then its 3 points
     evaluated = run_ffn("evaluate", CONFIG, *args, "--tsne")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((cached_run / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
-    assert report["methods"]["FFN (w1=0.5)"] == sweep[1]["test"]  # the configured w1 is the sweep's
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
+    assert report["methods"]["FFN (kps 0.5, ce 0.5)"] == sweep[1]["test"]  # the configured one is the sweep's
     assert report["classifier"] == {
         "method": "ffn",
-        "w1": 0.5,
+        "fusion": PAIR,
         "temperature": {
             "value": None,
             "fitted": "not fitted: the run has no val split (data.val_split is null)",
@@ -104,14 +119,15 @@ def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
     assert len(report["sweep"]) == 3 and len(report["train_counts"]) == 10
     for png in ("per_class.png", "tsne.png"):
         assert (cached_run / "report" / png).stat().st_size > 1000
-    assert "| FFN (w1=0.5) |" in (cached_run / "report" / "report.md").read_text()
+    assert "| FFN (kps 0.5, ce 0.5) |" in (cached_run / "report" / "report.md").read_text()
 
 
 def test_evaluate_before_stage_2_says_what_to_run(stage1_run, tiny_root, tmp_path):
     out = shutil.copytree(stage1_run, tmp_path / "run")
     result = run_ffn("evaluate", CONFIG, *cache_overrides(tiny_root, out))
     assert result.returncode == 2
-    said = "stages/classifier/ffn/w1_0.50.json: stage classifier ffn/w1_0.50 has not completed; "
+    said = "stages/classifier/ffn/kps0.50_ce0.50.json: stage classifier ffn/kps0.50_ce0.50 has not completed;"
+    said += " "
     assert said + "run `ffn train-classifier`" in result.stderr
     assert (
         not np.any([p.name == "report.json" for p in (out / "report").glob("*")])

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from ffn_dist.config import ConfigError, describe_settings, load_config, save_config
+from ffn_dist.fusion import equal_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
@@ -33,7 +34,8 @@ def test_paper_recipes_match_the_spec():
     c100 = load_config(CONFIGS[[p.name for p in CONFIGS].index("cifar100_lt_r32.yaml")])
     inet = load_config(CONFIGS[[p.name for p in CONFIGS].index("imagenet_lt_r50.yaml")])
     assert (c10.stage1.kps_max_m, c100.stage1.kps_max_m, inet.stage1.kps_max_m) == (0.2, 0.5, 0.35)
-    assert (c10.stage2.w1, c100.stage2.w1, inet.stage2.w1) == (0.5, 0.9, 0.9)
+    assert (c10.stage2.fusion, c100.stage2.fusion) == ({"kps": 0.5, "ce": 0.5}, {"kps": 0.9, "ce": 0.1})
+    assert inet.stage2.fusion == {"kps": 0.9, "ce": 0.1}
     assert (c10.model.arch, inet.model.arch) == ("resnet32", "resnet50")
     assert c10.stage1.lr_milestones == [160, 180] and c10.stage1.lr_factors == [0.1, 0.01]
     assert inet.stage1.warmup_epochs == 0 and inet.stage1.lr_milestones == [120, 160]
@@ -92,7 +94,19 @@ def test_unknown_override_suggests_nearest():
         ("data.resize_size=16", r"data\.resize_size: must be >= image_size"),
         ("dist.zero_stage=3", r"dist\.zero_stage: got 3, expected a value <= 2"),
         ("data=3", r"data: expected a mapping"),
-        ("stage2.w1=0.7", r"stage2\.w1 \+ stage2\.w2: the fusion weights must sum to 1"),
+        ("stage2.fusion={kps: 0.7, ce: 0.5}", r"stage2\.fusion: the fusion weights must sum to 1, got 0.7"),
+        ("stage2.fusion.kps=-0.5", r"stage2\.fusion\.kps: got -0.5, expected a value >= 0.0"),
+        (
+            "stage2.fusion={kps: 0.5, ce: 0.5, bs: 0}",
+            r"stage2\.fusion\.bs: not a branch; the fusion weighs each branch once",
+        ),
+        (
+            "stage2.fusion={kps: 1.0}",
+            r"stage2\.fusion\.ce: no weight for this branch; the fusion weighs each branch once",
+        ),
+        ("stage2.fusion={KPS: 1.0}", r"stage2\.fusion: names are lower-case letters, digits and _"),
+        ("stage2.fusion=0.5", r"stage2\.fusion: expected a mapping of name: float"),
+        ("stage2.w1=0.7", r"stage2\.w1: no longer a setting; it is now stage2\.fusion\.kps"),
         (
             "branches.kps.loss=arcface",
             r"branches\.kps\.loss: got 'arcface', allowed values: ce, kps, ldam, balanced_softmax, focal",
@@ -102,7 +116,7 @@ def test_unknown_override_suggests_nearest():
         ("branches.kps.drw=true", r"branches\.kps\.drw: deferred re-weighting applies to .* not to kps"),
         ("branches.kps.sampler=uniform", r"branches\.kps\.sampler: got 'uniform', allowed values: instance"),
         ("branches.kps.processes=0", r"branches\.kps\.processes: got 0, expected a value >= 1"),
-        ("branches.bs.loss=balanced_softmax", r"branches: this release trains the two branches ce and kps"),
+        ("branches={ce: {}}", r"branches: FFN fuses two branches or more .*; got ce$"),
         ("branches.Kps.loss=ce", r"branches: names are lower-case letters"),
         ("branches.ce=3", r"branches\.ce: expected a mapping"),
         ("branches.kps.margin=0.3", r"branches\.kps\.margin: unknown key"),
@@ -138,17 +152,17 @@ def test_a_shipped_config_can_be_named(tmp_path, monkeypatch):
 
 
 def test_saved_config_is_the_fully_resolved_one(tmp_path):
-    cfg = load_config(write(tmp_path, "seed: 7\n"), ["stage2.w1=0.9", "stage2.w2=0.1"])
+    cfg = load_config(write(tmp_path, "seed: 7\n"), ["stage2.fusion.kps=0.9", "stage2.fusion.ce=0.1"])
     saved = yaml.safe_load(save_config(cfg, tmp_path / "run" / "config.yaml").read_text())
-    assert saved["seed"] == 7 and saved["stage2"]["w1"] == 0.9
+    assert saved["seed"] == 7 and saved["stage2"]["fusion"] == {"kps": 0.9, "ce": 0.1}
     assert saved["data"]["batch_size"] == 64  # defaults are written out too
 
 
 def test_overrides_may_follow_a_command_option(capsys):
     from ffn_dist.cli import parse
 
-    args = parse(["train-classifier", "c.yaml", "seed=1", "--sweep", "w1=0:1:0.5", "stage2.epochs=2"])
-    assert args.config == "c.yaml" and args.sweep == "w1=0:1:0.5"
+    args = parse(["train-classifier", "c.yaml", "seed=1", "--sweep", "kps=0:1:0.5", "stage2.epochs=2"])
+    assert args.config == "c.yaml" and args.sweep == "kps=0:1:0.5"
     assert args.overrides == ["seed=1", "stage2.epochs=2"]
     args = parse(["train-backbones", "c.yaml", "--branch", "kps", "seed=2"])
     assert (args.overrides, args.branch) == (["seed=2"], "kps")
@@ -165,9 +179,16 @@ def test_every_setting_is_explained_and_in_the_reference():
     assert rows and all(row["doc"] for row in rows), [row["key"] for row in rows if not row["doc"]]
     reference = settings_reference()
     assert all(f"| `{row['key']}` |" in reference for row in rows)
-    assert (
-        "| `stage2.w1` | `0.5` | float and >= 0.0 and <= 1.0 | fusion weight of the KPS branch |" in reference
-    )
+    row = "| `stage2.fusion` | `{ce: 0.5, kps: 0.5}` | mapping of name: float and >= 0.0 and <= 1.0 |"
+    assert row in reference
+
+
+def test_a_file_without_fusion_weighs_its_branches_equally_and_an_old_one_keeps_its_w1(tmp_path):
+    listed = "branches:\n  ce: {}\n  kps: {loss: kps, head: cosine}\n"
+    assert load_config(write(tmp_path, listed)).stage2.fusion == {"ce": 0.5, "kps": 0.5}
+    old = write(tmp_path, "stage2:\n  w1: 0.8\n  w2: 0.2\n")  # a run's frozen config of an earlier release
+    assert load_config(old).stage2.fusion == {"kps": 0.8, "ce": 0.2}
+    assert equal_weights(3) == [0.333333, 0.333333, 0.333334] and sum(equal_weights(3)) == pytest.approx(1.0)
 
 
 def test_show_config_explain_and_version(tmp_path):

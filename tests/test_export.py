@@ -57,7 +57,7 @@ def report_logits(work: Path, *overrides) -> np.ndarray:
         rows = test.rows_of_view(0)
         rows = rows[np.argsort(test.indices[rows])]
         with torch.no_grad():
-            return load_form(cfg)(test.fused(rows, cfg.stage2.w1, cfg.stage2.w2)).numpy()
+            return load_form(cfg)(test.fused(rows, cfg.stage2.fusion)).numpy()
 
 
 def export_logits(work: Path, runtime: str) -> np.ndarray:
@@ -105,11 +105,11 @@ def assert_the_export_equals_the_report(work: Path, runtime: str, reported: dict
 @pytest.mark.parametrize("runtime", ["onnx", "torch"])
 def test_predict_on_the_test_split_gives_the_reports_ffn_accuracy(exported, runtime):
     report = json.loads((exported / "runs" / "demo" / "report" / "report.json").read_text())
-    ffn = report["methods"]["FFN (w1=0.5)"]
+    ffn = report["methods"]["FFN (kps 0.5, ce 0.5)"]
     assert_the_export_equals_the_report(exported, runtime, ffn)
     split = ["--split", exported / "data" / "demo" / "test.txt", "--root", exported / "data" / "demo"]
     table = predict(exported, *split, "--runtime", runtime)
-    assert re.search(rf"\| ffn \(w1=0.5\), {runtime} \| [\d.]+ \| [\d.]+ \|", table.stdout)
+    assert re.search(rf"\| ffn \(kps 0.5, ce 0.5\), {runtime} \| [\d.]+ \| [\d.]+ \|", table.stdout)
     assert re.search(r"300 images in [\d.]+ s \([\d,]+ img/s\)", table.stdout)
 
 
@@ -119,7 +119,7 @@ def test_the_exported_logits_are_the_pipelines(exported, monkeypatch):
     run = exported / "runs" / "demo"
     cfg = load_config(run / "config.yaml")
     cpu = torch.device("cpu")
-    ce, kps = (load_frozen(cfg, branch, cpu) for branch in ("ce", "kps"))
+    networks = {branch: load_frozen(cfg, branch, cpu) for branch in ("ce", "kps")}
     head = load_form(cfg)
     test = open_dataset(cfg.data).test
     loader = build_loader(cfg.data, test, train=False, order="sequential", run_dir=str(exported / "scratch"))
@@ -129,7 +129,8 @@ def test_the_exported_logits_are_the_pipelines(exported, monkeypatch):
     checked = 0
     with torch.no_grad():
         for batch in loader:
-            live = head(fused_embedding(kps.embed(batch.images), ce.embed(batch.images), 0.5, 0.5))
+            features = {name: network.embed(batch.images) for name, network in networks.items()}
+            live = head(fused_embedding(features, cfg.stage2.fusion))
             images = np.stack(
                 [preprocess(test.image_path(int(i)), meta["preprocess"]) for i in batch.indices]
             )
@@ -164,10 +165,11 @@ def test_the_torch_export_loads_without_this_package(exported, tmp_path):
 def test_model_json_describes_the_model(exported):
     meta = json.loads((exported / "runs" / "demo" / "export" / "model.json").read_text())
     report = json.loads((exported / "runs" / "demo" / "report" / "report.json").read_text())
-    assert meta["classes"] == [str(c) for c in range(10)] and meta["method"] == "ffn" and meta["w1"] == 0.5
+    assert meta["classes"] == [str(c) for c in range(10)] and meta["method"] == "ffn"
+    assert meta["format"] == 2 and meta["fusion"] == {"kps": 0.5, "ce": 0.5}
     assert meta["preprocess"]["center_crop"] == 32 and len(meta["preprocess"]["mean"]) == 3
     assert meta["train_counts"] == report["train_counts"] and meta["config"] == report["config"]
-    assert meta["reported_test"]["top1"] == report["methods"]["FFN (w1=0.5)"]["top1"]
+    assert meta["reported_test"]["top1"] == report["methods"]["FFN (kps 0.5, ce 0.5)"]["top1"]
     assert sorted(sum(meta["shot_groups"].values(), [])) == list(range(10))
 
 
@@ -217,27 +219,32 @@ def test_a_run_of_another_method_reports_exports_and_shows_it(exported, tmp_path
     ran = run_ffn("run", "demo", *crt, cwd=work)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "stage1: complete, skipped" in ran.stdout and "cache: complete, skipped" in ran.stdout
-    assert "| crt (w1=0.5) |" in ran.stdout
+    assert "| crt (kps 0.5, ce 0.5) |" in ran.stdout
     report = json.loads((work / "runs" / "demo" / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "crt (w1=0.5)"]
-    assert {k: report["classifier"][k] for k in ("method", "w1")} == {"method": "crt", "w1": 0.5}
+    assert list(report["methods"]) == ["CE", "KPS", "crt (kps 0.5, ce 0.5)"]
+    assert {k: report["classifier"][k] for k in ("method", "fusion")} == {
+        "method": "crt",
+        "fusion": {"kps": 0.5, "ce": 0.5},
+    }
     status = run_ffn("status", "demo", *crt, cwd=work)
-    assert "classifier crt/w1_0.50 complete" in status.stdout, status.stdout
+    assert "classifier crt/kps0.50_ce0.50 complete" in status.stdout, status.stdout
     result = run_ffn("export", "demo", *crt, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((work / "runs" / "demo" / "export" / "model.json").read_text())
     assert meta["method"] == "crt" and meta["probability_scale"] == 1.0
-    assert_the_export_equals_the_report(work, "onnx", report["methods"]["crt (w1=0.5)"], "stage2.method=crt")
+    crt_report = report["methods"]["crt (kps 0.5, ce 0.5)"]
+    assert_the_export_equals_the_report(work, "onnx", crt_report, "stage2.method=crt")
     stale = run_ffn("export", "demo", *crt, "stage2.epochs=4", cwd=work)
     assert stale.returncode == 2
-    assert "classifier crt/w1_0.50 is stale (stage2.epochs: 5 when it ran, 4 now)" in stale.stderr
+    assert "classifier crt/kps0.50_ce0.50 is stale (stage2.epochs: 5 when it ran, 4 now)" in stale.stderr
 
 
 def test_export_refuses_what_is_not_a_finished_finite_model(exported, tmp_path):
     work = Path(shutil.copytree(exported, tmp_path / "work", symlinks=True))
-    other_w1 = run_ffn("export", "demo", *RUN, "stage2.w1=0.3", "stage2.w2=0.7", cwd=work)
+    other_fusion = run_ffn("export", "demo", *RUN, "stage2.fusion.kps=0.3", "stage2.fusion.ce=0.7", cwd=work)
     assert (
-        other_w1.returncode == 2 and "classifier ffn/w1_0.30 is not started; run `ffn run`" in other_w1.stderr
+        other_fusion.returncode == 2
+        and "classifier ffn/kps0.30_ce0.70 is not started; run `ffn run`" in other_fusion.stderr
     )
     with contextlib.chdir(work):
         cfg = load_config(work / "runs" / "demo" / "config.yaml")
@@ -276,7 +283,7 @@ def test_a_gated_classifier_exports_with_its_gate(tmp_path):
         "shift": torch.randn(classes),
     }
     head = LinearForm(torch.randn(classes, dims), torch.randn(classes), gate=gate)
-    model = FusedClassifier(ce, kps, 0.5, head).eval()
+    model = FusedClassifier({"ce": ce, "kps": kps}, {"kps": 0.5, "ce": 0.5}, head).eval()
     save_model(model, tmp_path, 32)
     files = {"onnx": "model.onnx", "torch": "model.pt2"}
     write_json(tmp_path / "model.json", {"files": files, "classes": [str(c) for c in range(classes)]})
@@ -286,7 +293,10 @@ def test_a_gated_classifier_exports_with_its_gate(tmp_path):
     ungated = LinearForm(head.weight, head.bias)
     with torch.no_grad():
         assert not np.allclose(
-            FusedClassifier(ce, kps, 0.5, ungated).eval()(torch.from_numpy(images)), expected
+            FusedClassifier({"ce": ce, "kps": kps}, {"kps": 0.5, "ce": 0.5}, ungated).eval()(
+                torch.from_numpy(images)
+            ),
+            expected,
         )
     for runtime in ("onnx", "torch"):
         assert np.allclose(ExportedModel(tmp_path, runtime).logits(images), expected, atol=1e-4)
@@ -330,7 +340,7 @@ def test_evaluate_scores_a_published_test_list_with_the_current_export(exported,
     scale = json.loads((onnx.parent / "model.json").read_text())["probability_scale"]
     ours = report_logits(work).astype(np.float64)[keep] * scale
     within_near_ties(scored["top1"], ours, labels[keep], np.full(len(keep), 100.0 / len(keep)))
-    assert "FFN (w1=0.5) (its export) on the --test-split files:" in result.stdout
+    assert "FFN (kps 0.5, ce 0.5) (its export) on the --test-split files:" in result.stdout
     assert f"| {listed} | {scored['top1']:.2f} |" in result.stdout
 
     before = report_json.read_bytes()
@@ -389,7 +399,7 @@ def test_temperature_from_val_and_the_prior_end_to_end(exported, tmp_path):
         result_json = json.loads((classifier_dir(cfg) / "result.json").read_text())
     val_report = result_json["val"]
     assert val_report["calibrated"]["nll"] <= val_report["calibration"]["nll"] + 1e-9  # T = 1 was a candidate
-    ffn = report["methods"]["FFN (w1=0.5)"]
+    ffn = report["methods"]["FFN (kps 0.5, ce 0.5)"]
     assert ffn["calibrated"]["temperature"] == temperature["value"]
     meta = json.loads((work / "runs" / "demo" / "export" / "model.json").read_text())
     assert meta["temperature"] == temperature["value"] and meta["temperature_fitted"] == temperature["fitted"]

@@ -72,7 +72,7 @@ def test_the_classifier_loop_copies_once_a_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr("ffn_dist.stages.epochs.GATHER_BATCHES", 8)
     cache = write_cache(tmp_path / "cache")  # 484 training images, two stored branches
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_classes=8", "stage2.batch_size=16"])
-    epochs = CachedEpochs(cfg, cache.splits["train"], META, 0.5)
+    epochs = CachedEpochs(cfg, cache.splits["train"], META)
     shapes = []
 
     def step(features, labels, lr):

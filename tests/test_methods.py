@@ -17,6 +17,7 @@ from ffn_dist.config import load_config, with_settings
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.drivers import compare_methods, parse_methods, run_methods, sources
 from ffn_dist.errors import FFNError
+from ffn_dist.fusion import simplex_grid
 from ffn_dist.metrics import logits_report
 from ffn_dist.models.heads import LinearForm
 from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
@@ -39,12 +40,13 @@ from ffn_dist.stages.methods import (
 from tests.conftest import CONFIG, cache_overrides, run_ffn
 
 COUNTS = [200, 120, 70, 40, 25, 15, 9, 5]
+EQUAL = {"ce": 0.5, "kps": 0.5}  # the fusion of config(): a file without one weighs its branches equally
 DIMS = 16
 
 
 def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0, store="normalized"):
     """Noisy class centres per branch: long-tailed train (2 views), balanced val and test;
-    `store` fused keeps only z at w1 = 0.5, as cache.store=fused does."""
+    `store` fused keeps only z at weights 0.5 and 0.5, as cache.store=fused does."""
     gen = torch.Generator().manual_seed(seed)
     classes = len(COUNTS)
     centres = {b: F.normalize(torch.randn(classes, DIMS, generator=gen), dim=1) for b in ("kps", "ce")}
@@ -69,7 +71,7 @@ def write_cache(directory, val_per_class=20, shuffle_test=False, seed=0, store="
             info = write_shard(directory / file, tensors, {"split": name, "view": str(view), "part": "0"})
             parts.append({**info, "file": file, "view": view})
         splits[name] = {"rows": len(labels) * len(parts), "parts": parts}
-    fusion = {"w1": 0.5, "w2": 0.5} if store == "fused" else None
+    fusion = dict(EQUAL) if store == "fused" else None
     write_manifest(
         directory, {"store": store, "dtype": "fp16", "dims": DIMS, "fusion": fusion, "splits": splits}
     )
@@ -100,9 +102,9 @@ def synthetic_run(directory, demo_root, *extra, **cache):
     return cfg, open_cache(cache_dir(cfg))
 
 
-def by_hand(logits_of, cache, w1=0.5, split="test", temperature=None):
+def by_hand(logits_of, cache, fusion=None, split="test", temperature=None):
     rows = cache.splits[split].rows_of_view(0)
-    features = cache.splits[split].fused(rows, w1, 1 - w1)
+    features = cache.splits[split].fused(rows, fusion or EQUAL)
     return logits_report(
         logits_of(features), cache.splits[split].labels[rows], np.array(COUNTS), 1.0, temperature
     )
@@ -126,7 +128,7 @@ def same_report(got: dict, expected: dict) -> bool:
 
 @pytest.fixture
 def fitted(tmp_path):
-    """A Fitting on fused features at w1 = 0.5, and its erm classifier (what `point('erm')` gives)."""
+    """A Fitting on fused features at equal weights, and its erm classifier (what `point('erm')` gives)."""
     cache = write_cache(tmp_path / "cache")
     erm = {}
     f = Fitting(config(tmp_path), cache, lambda name: erm["form"], lambda: KPS_HEAD, verbose=False)
@@ -146,7 +148,7 @@ def hand_trained(f, parameters, loss, order, weight_decay=None, project=None):
         draws = epoch_order(train.labels, order, f.cfg.seed, epoch)[:images]
         for step, begin in enumerate(range(0, images, s2.batch_size)):
             rows = draws[begin : begin + s2.batch_size]
-            z, y = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows]).long()
+            z, y = train.fused(rows, EQUAL), torch.from_numpy(train.labels[rows]).long()
             for group in optimizer.param_groups:
                 group["lr"] = (
                     0.5 * s2.lr * (1 + math.cos(math.pi * (epoch * steps + step) / (s2.epochs * steps)))
@@ -186,7 +188,7 @@ def test_erm_and_balanced_softmax_are_their_losses_on_the_stage2_recipe(fitted):
     )
     form = fit_balanced_softmax(f)
     assert close(form.weight, w) and close(form.bias, b)
-    scored = evaluate_cached(form, cache.splits["test"], 0.5, COUNTS, f.device)
+    scored = evaluate_cached(form, cache.splits["test"], EQUAL, COUNTS, f.device)
     assert same_report(
         scored, by_hand(lambda z: z @ form.weight.t() + form.bias, cache)
     )  # plain logits, no log n_y
@@ -249,7 +251,7 @@ def test_disalign_learns_magnitude_margin_and_gate_with_its_reweighting(fitted):
     form = fit_disalign(f, rho=1.5)
     assert close(form.gate_weight, g) and close(form.scale, scale) and close(form.shift, shift)
     assert torch.equal(form.weight, weight)  # erm stays frozen
-    z = cache.splits["test"].fused(cache.splits["test"].rows_of_view(0), 0.5, 0.5)
+    z = cache.splits["test"].fused(cache.splits["test"].rows_of_view(0), EQUAL)
     assert close(form(z), logits(z).detach())
     assert torch.equal(LinearForm.from_state(form.state())(z), form(z))  # what export saves and loads
 
@@ -351,10 +353,10 @@ def test_ncm_is_cosine_to_the_class_means(fitted):
     cache, f, _ = fitted
     train = cache.splits["train"]
     rows = train.rows_of_view(0)
-    features, labels = train.fused(rows, 0.5, 0.5), torch.from_numpy(train.labels[rows])
+    features, labels = train.fused(rows, EQUAL), torch.from_numpy(train.labels[rows])
     means = torch.stack([F.normalize(features[labels == c], dim=1).mean(0) for c in range(len(COUNTS))])
     expected = by_hand(lambda z: F.normalize(z, dim=1) @ F.normalize(means, dim=1).t(), cache)
-    assert same_report(evaluate_cached(fit_ncm(f), cache.splits["test"], 0.5, COUNTS, f.device), expected)
+    assert same_report(evaluate_cached(fit_ncm(f), cache.splits["test"], EQUAL, COUNTS, f.device), expected)
 
 
 def test_choices_are_blind_to_the_test_labels(tmp_path, demo_root):
@@ -362,9 +364,10 @@ def test_choices_are_blind_to_the_test_labels(tmp_path, demo_root):
     for shuffled in (False, True):
         cfg, cache = synthetic_run(tmp_path / f"shuffled_{shuffled}", demo_root, shuffle_test=shuffled)
         body = compare_methods(cfg, cache, ["ffn", "tau_norm", "logit_adjustment"])
-        chosen.append({(r["method"], r["features"]): (r["w1"], r["chosen"]) for r in body["rows"]})
+        chosen.append({(r["method"], r["features"]): (r["fusion"], r["chosen"]) for r in body["rows"]})
     assert chosen[0] == chosen[1]
-    assert chosen[0][("ffn", "fused")][0] in [round(0.1 * i, 1) for i in range(11)]
+    assert chosen[0][("ffn", "fused")][0] in simplex_grid(["ce", "kps"], 0.1)
+    assert chosen[0][("tau_norm", "kps")][0] == {"ce": 0.0, "kps": 1.0}  # a branch alone
 
 
 def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(tmp_path, demo_root):
@@ -380,7 +383,11 @@ def test_without_a_val_split_the_published_defaults_are_used_or_val_is_refused(t
     assert wb == [{"weight_decay": 0.1, "max_norm": 0.1}]
     one = with_settings(cfg, {"stage2.method": "tau_norm", "stage2.tau_norm.tau": [0.5]})
     assert candidates(one, None) == [{"tau": 0.5}]  # a grid of one value is used as it is
-    assert sources(cfg, cache)[-1] == ("fused", 0.5)  # the config's w1
+    assert sources(cfg, cache) == [  # each branch alone, then the config's fusion
+        ("ce", {"ce": 1.0, "kps": 0.0}),
+        ("kps", {"ce": 0.0, "kps": 1.0}),
+        ("fused", EQUAL),
+    ]
 
 
 def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(tmp_path, demo_root, capsys):
@@ -396,7 +403,9 @@ def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(
     out = tmp_path / "classifier" / "methods"
     assert "(best on val)" in (out / "methods.md").read_text() and (out / "methods.png").stat().st_size > 1000
     records = sorted((tmp_path / "stages" / "classifier").rglob("*.json"))
-    assert len(records) >= len(METHODS) * 3  # a record per point (and the w1 sweep's)
+    points = {(r["method"], tuple(r["fusion"].items())) for r in body["rows"]}
+    points |= {("ffn", tuple(p.items())) for p in simplex_grid(list(EQUAL), 0.1)}  # FFN's sweep
+    assert len(records) == len(points)  # a record per point (val may choose a corner: one point)
     written = {p: p.stat().st_mtime_ns for p in records}
     capsys.readouterr()
     assert compare_methods(cfg, cache, list(METHODS))["rows"] == body["rows"]
@@ -405,7 +414,7 @@ def test_one_job_compares_every_method_on_every_source_and_reuses_finished_work(
     changed = with_settings(cfg, {"stage2.tau_norm.tau": [0.0, 1.0]})
     compare_methods(changed, cache, ["tau_norm"])
     said = capsys.readouterr().out
-    assert "classifier tau_norm/w1_0.00: runs again (stale: stage2.tau_norm.tau:" in said
+    assert "classifier tau_norm/ce1.00_kps0.00: runs again (stale: stage2.tau_norm.tau:" in said
     with pytest.raises(FFNError, match="--methods 'svm': expected all or a comma list"):
         parse_methods("svm")
     assert parse_methods("ncm,crt") == ["crt", "ncm"]
@@ -415,10 +424,10 @@ def test_methods_on_a_fused_cache_run_on_what_it_holds(tmp_path, demo_root, caps
     cfg, cache = synthetic_run(tmp_path, demo_root, store="fused")  # with a val split: once refused
     body = compare_methods(cfg, cache, list(METHODS))
     assert {(r["method"], r["features"]) for r in body["rows"]} == {(m, "fused") for m in METHODS}
-    assert all(r["w1"] == 0.5 for r in body["rows"])  # the cached w1, not a sweep
+    assert all(r["fusion"] == EQUAL for r in body["rows"])  # the cached fusion, not a sweep
     assert body["best_on_val"]["features"] == "fused"
     said = capsys.readouterr().out
-    assert "only the fused embedding at w1=0.5" in said and "need cache.store: normalized" in said
+    assert "only the fused embedding at ce 0.5, kps 0.5" in said and "need cache.store: normalized" in said
 
 
 def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_path):
@@ -439,7 +448,7 @@ def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_pa
     assert seeds.returncode == 0, seeds.stderr[-3000:]
     summary = json.loads((run / "classifier" / "methods" / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1] and all(len(r["test"]["top1"]["values"]) == 2 for r in summary["rows"])
-    assert (run / "stages" / "classifier" / "crt" / "w1_0.50_seed1.json").is_file()  # a point's record
+    assert (run / "stages" / "classifier" / "crt" / "kps0.50_ce0.50_seed1.json").is_file()  # a point's record
     alone = run_ffn("train-classifier", CONFIG, *args, "--seeds", "2")
     assert alone.returncode != 0 and "error: --seeds: repeats --methods" in alone.stderr
 
@@ -447,7 +456,7 @@ def test_the_report_names_the_method_chosen_on_val(cached_run, tiny_root, tmp_pa
 def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path, demo_root):
     cfg, cache = synthetic_run(tmp_path, demo_root)
     wanted = ["ffn", "crt", "ncm"]
-    fit_classifier(cfg, cache)  # the stage: FFN at the configured w1
+    fit_classifier(cfg, cache)  # the stage: FFN at the configured fusion
     stage = {p: p.stat().st_mtime_ns for p in classifier_dir(cfg).iterdir()}
     single = compare_methods(cfg, cache, wanted)
     summary = run_methods(cfg, wanted, 3)
@@ -458,7 +467,7 @@ def test_methods_over_seeds_give_mean_std_and_leave_the_stage_alone(tmp_path, de
     assert crt["values"][0] == first["test"]["top1"]  # the run's own seed: reused
     assert crt["mean"] == pytest.approx(statistics.fmean(crt["values"]))
     assert crt["std"] == pytest.approx(statistics.stdev(crt["values"]))
-    ncm = rows[("ncm", "fused")]["test"]["top1"]
+    ncm = rows[("ncm", "ce")]["test"]["top1"]  # on one branch's features: the same on every seed
     assert ncm["std"] == 0 and len(set(ncm["values"])) == 1  # no seed in class means
     ffn = rows[("ffn", "fused")]["test"]["top1"]["values"]
     assert rows[("crt", "fused")]["vs_ffn"]["values"] == [

@@ -131,21 +131,29 @@ def test_cosine_head_runs_in_fp32_under_bf16_autocast():
 
 
 def test_fusion_identity():
+    """Mixing the branches' cosine logits is one cosine head on the fused embedding, for two
+    branches and for three."""
     gen = torch.Generator().manual_seed(0)
-    f_kps, f_ce = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen) * 7
+    scales = {"kps": 1, "ce": 7, "bs": 3}
+    features = {name: torch.randn(16, 64, generator=gen) * scale for name, scale in scales.items()}
     head = CosineHead(64, 10)
-    for w1 in (0.0, 0.3, 0.5, 0.9, 1.0):
-        w2 = 1.0 - w1
-        mixed_logits = w1 * head(f_kps) + w2 * head(f_ce)
-        fused_logits = head(fused_embedding(f_kps, f_ce, w1, w2), normalized=True)
+    for weights in ({"kps": 0.3, "ce": 0.7}, {"kps": 1.0, "ce": 0.0}, {"kps": 0.5, "ce": 0.3, "bs": 0.2}):
+        mixed_logits = sum(w * head(features[name]) for name, w in weights.items())
+        fused_logits = head(fused_embedding(features, weights), normalized=True)
         assert torch.allclose(mixed_logits, fused_logits, atol=1e-6)
-        direct = (w1 * F.normalize(f_kps) + w2 * F.normalize(f_ce)) @ F.normalize(head.weight, dim=1).t()
+        direct = (
+            sum(w * F.normalize(features[name]) for name, w in weights.items())
+            @ F.normalize(head.weight, dim=1).t()
+        )
         assert torch.allclose(fused_logits, direct, atol=1e-6)
 
 
-def test_fusion_weights_must_sum_to_one():
-    with pytest.raises(FFNError, match=r"fusion weights must sum to 1 \(w1 \+ w2\), got 0.7 \+ 0.5 = 1.2"):
-        fused_embedding(torch.ones(1, 2), torch.ones(1, 2), 0.7, 0.5)
+def test_fusion_weights_must_be_on_the_simplex():
+    ones = {"kps": torch.ones(1, 2), "ce": torch.ones(1, 2)}
+    with pytest.raises(FFNError, match=r"fusion weights must sum to 1, got 0.7 \+ 0.5 = 1.2 \(kps, ce\)"):
+        fused_embedding(ones, {"kps": 0.7, "ce": 0.5})
+    with pytest.raises(FFNError, match=r"a fusion weight must be >= 0, got ce: -0.5"):
+        fused_embedding(ones, {"kps": 1.5, "ce": -0.5})
 
 
 def test_cpu_stays_fp32_unless_configured():

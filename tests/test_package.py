@@ -23,6 +23,7 @@ def test_the_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in ("demo", "cifar10_lt_r32", "cifar100_lt_r32", "imagenet_lt_r50"):
         assert f"ffn_dist/configs/{shipped}.yaml" in names
+    assert "ffn_dist/configs/studies/branches.yaml" in names  # `ffn bench accuracy --study branches`
     assert {"ffn_dist/launchers/slurm.py", "ffn_dist/launchers/local_slurm.sh"} <= names
     assert not [n for n in names if n.split("/")[0] in ("launchers", "configs")]  # no generic top level
 
@@ -57,14 +58,14 @@ def test_the_wheel_runs_the_demo_from_an_empty_directory(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((empty / "runs" / "demo" / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
     assert (empty / "data" / "demo" / "train.txt").is_file()  # the built-in data, written here
 
 
 # The layers of docs/architecture.md ("Which way imports go"), bottom up: a module may import
 # from its own layer and those below, never from above.
 LAYERS = [
-    {"errors", "files", "locks", "progress", "tables", "layout", "priors"},
+    {"errors", "files", "locks", "progress", "tables", "layout", "priors", "fusion"},
     {
         "data",
         "models",

@@ -60,16 +60,16 @@ def test_a_started_run_ignores_edits_to_the_users_yaml(tiny_root, tmp_path, comm
     while not (out / "stage1" / "ce").is_dir():  # stage 1 under way
         assert time.time() < deadline and job.poll() is None, job.stdout.read()[-3000:]
         time.sleep(0.2)
-    edited = config.read_text().replace("w1: 0.5", "w1: 0.8").replace("w2: 0.5", "w2: 0.2")
+    edited = config.read_text().replace("fusion: {kps: 0.5, ce: 0.5}", "fusion: {kps: 0.8, ce: 0.2}")
     assert edited != config.read_text()
     config.write_text(edited)  # the user prepares the next experiment
     log, _ = job.communicate(timeout=900)
     assert job.returncode == 0, log[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
-    assert not (out / "classifier" / "ffn" / "w1_0.80").exists()
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
+    assert not (out / "classifier" / "ffn" / "kps0.80_ce0.20").exists()
     frozen = yaml.safe_load((out / "config.yaml").read_text())
-    assert frozen["stage2"]["w1"] == 0.5 and frozen["stage1"]["epochs"] == 3
+    assert frozen["stage2"]["fusion"] == {"kps": 0.5, "ce": 0.5} and frozen["stage1"]["epochs"] == 3
     # the report names the config behind it, kept in the run directory
     assert yaml.safe_load((out / "configs" / f"{report['config']}.yaml").read_text()) == frozen
     history = read_history(load_config(out / "config.yaml"))
@@ -85,19 +85,22 @@ def test_history_keeps_every_config_a_run_started_with(stage1_run, tiny_root, tm
     args = cache_overrides(tiny_root, out, "stage2.epochs=1")
     first = run_ffn("run", CONFIG, *args)
     assert first.returncode == 0, output(first)[-3000:]
-    second = run_ffn("run", CONFIG, *args, "stage2.w1=0.7", "stage2.w2=0.3")  # a later stage: allowed
+    # a later stage's setting: allowed
+    second = run_ffn("run", CONFIG, *args, "stage2.fusion.kps=0.7", "stage2.fusion.ce=0.3")
     assert second.returncode == 0, output(second)[-3000:]
-    assert "[classifier ffn w1=0.70] test top-1" in second.stdout  # another classifier, beside the first
-    assert (out / "classifier" / "ffn" / "w1_0.50" / "classifier.pt").is_file()
+    # another classifier, beside the first
+    assert "[classifier ffn at kps 0.7, ce 0.3] test top-1" in second.stdout
+    assert (out / "classifier" / "ffn" / "kps0.50_ce0.50" / "classifier.pt").is_file()
     history = read_history(load_config(out / "config.yaml"))
     configs = [line["config"] for line in history if line["event"] == "config"]
     assert len(set(configs)) == len(configs) >= 3  # stage 1's (another output_dir), then the two runs'
     assert all((out / "configs" / f"{c}.yaml").is_file() for c in configs)
     ran = {(line["stage"], line["config"]) for line in history if line["event"] == "complete"}
     assert ("stage1", configs[0]) in ran
-    assert {("classifier ffn/w1_0.50", configs[-2]), ("classifier ffn/w1_0.70", configs[-1])} <= ran
+    assert ("classifier ffn/kps0.50_ce0.50", configs[-2]) in ran
+    assert ("classifier ffn/kps0.70_ce0.30", configs[-1]) in ran
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["config"] == configs[-1] and "FFN (w1=0.7)" in report["methods"]
+    assert report["config"] == configs[-1] and "FFN (kps 0.7, ce 0.3)" in report["methods"]
 
 
 # ----------------------------------------------------------------------------- loud failures
@@ -137,11 +140,12 @@ def test_a_diverged_classifier_fails_and_writes_nothing(cached_run, tiny_root, t
     result = run_ffn("train-classifier", CONFIG, *args)
     assert result.returncode == 1, output(result)[-3000:]
     assert re.search(
-        r"error: \[classifier ffn w1=0.50\] the loss is \S+ at epoch \d+: training diverged", result.stderr
+        r"error: \[classifier ffn at kps 0.5, ce 0.5\] the loss is \S+ at epoch \d+: training diverged",
+        result.stderr,
     )
-    assert not (out / "classifier" / "ffn" / "w1_0.50" / "classifier.pt").exists()
+    assert not (out / "classifier" / "ffn" / "kps0.50_ce0.50" / "classifier.pt").exists()
     status = run_ffn("status", CONFIG, *args)
-    failed = "classifier ffn/w1_0.50 failed: [classifier ffn w1=0.50] the loss is"
+    failed = "classifier ffn/kps0.50_ce0.50 failed: [classifier ffn at kps 0.5, ce 0.5] the loss is"
     assert status.returncode == 1 and failed in status.stdout
 
 

@@ -32,7 +32,7 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
     manifest = json.loads((run_dir / "cache" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 2 * 585 and manifest["splits"]["test"]["rows"] == 300
     final = json.loads((run_dir / "report" / "report.json").read_text())
-    assert list(final["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert list(final["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
     assert all(m["samples"] == 300 for m in final["methods"].values())
     assert (run_dir / "report" / "per_class.png").stat().st_size > 1000
     for method in final["methods"]:  # the final table ends the output
@@ -42,7 +42,7 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
     for skipped in (
         "stage1: complete, skipped",
         "cache: complete, skipped",
-        "classifier ffn/w1_0.50: complete, skipped",
+        "classifier ffn/kps0.50_ce0.50: complete, skipped",
     ):
         assert skipped in again.stdout
     assert json.loads((run_dir / "report" / "report.json").read_text())["methods"] == final["methods"]
@@ -51,7 +51,8 @@ def test_run_demo_end_to_end_then_skips_every_complete_stage(tmp_path):
     assert views.returncode == 0, views.stderr[-3000:]
     assert "stage1: complete, skipped" in views.stdout
     assert "cache: runs again (stale: cache.train_views: 2 when it ran, 1 now)" in views.stdout
-    assert "classifier ffn/w1_0.50: runs again (stale: cache output cache/manifest.json: " in views.stdout
+    stale = "classifier ffn/kps0.50_ce0.50: runs again (stale: cache output cache/manifest.json: "
+    assert stale in views.stdout
     assert json.loads((run_dir / "cache" / "manifest.json").read_text())["splits"]["train"]["rows"] == 585
 
 

@@ -77,9 +77,9 @@ def test_submit_runs_the_demo_pipeline_with_two_tasks(slurm_env, tiny_root, tmp_
         )
         assert f"TimeLimit={minutes // 60:02d}:{minutes % 60:02d}:00" in job.stdout, (limit, job.stdout)
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
     assert all(m["samples"] == 61 for m in report["methods"].values())
-    assert "| FFN (w1=0.5) |" in result.stdout  # the final table
+    assert "| FFN (kps 0.5, ce 0.5) |" in result.stdout  # the final table
     stage1_log = (tmp_path / "run" / "slurm" / "stage1" / f"{ids[1][1]}_0_log.out").read_text()
     assert "stage1: job" in stage1_log and "2 task(s)" in stage1_log
     status = ffn_status(slurm_env, CONFIG, *args)
@@ -117,7 +117,8 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
         subprocess.run(["scancel", job_id, "--signal", sig], check=True, env=slurm_env)
     # The user edits the YAML for the next experiment: the requeued and queued jobs read the
     # run's frozen config, not this file.
-    config.write_text(config.read_text().replace("w1: 0.5", "w1: 0.8").replace("w2: 0.5", "w2: 0.2"))
+    edited = config.read_text().replace("fusion: {kps: 0.5, ce: 0.5}", "fusion: {kps: 0.8, ce: 0.2}")
+    config.write_text(edited)
     stdout, stderr = chain.communicate(timeout=900)
     assert chain.returncode == 0, stdout[-3000:] + stderr[-3000:]
     logs = "".join(p.read_text() for p in sorted((out / "slurm" / "stage1").glob(f"{job_id}_*_log.out")))
@@ -137,8 +138,8 @@ def test_preempted_stage1_checkpoints_requeues_and_resumes(slurm_env, tiny_root,
         assert (out / "stage1" / branch / "epoch_0010.pt").is_file()
         assert not (out / "stage1" / branch / "interrupted.pt").exists()  # superseded
     report = json.loads((out / "report" / "report.json").read_text())
-    assert list(report["methods"]) == ["CE", "KPS", "FFN (w1=0.5)"]
-    assert not (out / "classifier" / "ffn" / "w1_0.80").exists()
+    assert list(report["methods"]) == ["CE", "KPS", "FFN (kps 0.5, ce 0.5)"]
+    assert not (out / "classifier" / "ffn" / "kps0.80_ce0.20").exists()
 
 
 def test_a_failing_stage1_stops_the_chain_and_is_reported(slurm_env, tiny_root, tmp_path):

@@ -2,9 +2,9 @@
 
 Builds the long-tailed split (docs/method.md, data: exactly 12,406 training images) from
 `cifar10-jpeg.tar.gz`, runs the whole pipeline with the chosen stage-1 schedule, sweeps the
-fusion weight w1 over 0..1 (its endpoints are the fair single-branch baselines: the same
-stage-2 classifier on one branch's features), and reports CE alone, KPS alone, FFN at the
-recipe's w1 and the sweep, as JSON and Markdown.
+fusion over the simplex in steps of 0.1 (its corners are the fair single-branch baselines: the
+same stage-2 classifier on one branch's features), and reports each branch alone, FFN at the
+recipe's fusion and the sweep, as JSON and Markdown.
 
 Schedules: `paper` is the recipe of docs/method.md (200 epochs: a GPU job); `cpu` is 11 epochs, linear
 warm-up over the first, x0.1 at 80% and x0.01 at 90% of training, KPS per-class scale from
@@ -20,9 +20,10 @@ from pathlib import Path
 
 from ffn_dist.config import load_config, shipped_configs
 from ffn_dist.data.longtail import make_lt
-from ffn_dist.drivers import compare_methods, fused_sweep, parse_sweep, summarise_seeds, val_choice
+from ffn_dist.drivers import GRID_STEP, compare_methods, fused_sweep, summarise_seeds, val_choice
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
+from ffn_dist.fusion import describe_fusion, simplex_grid
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.methods import METHODS
@@ -57,9 +58,10 @@ SCHEDULES = {
     ],
 }
 # Measured outside the project with exactly the cpu schedule on the same JPEGs (issue #7).
-CPU_CALIBRATION = {"CE": 32.9, "KPS": 20.9, "FFN": 57.2, "sweep_w1_0": 53.3, "sweep_w1_1": 59.5}
+# The sweep's first and last points: the CE branch's features alone, the KPS branch's.
+CPU_CALIBRATION = {"CE": 32.9, "KPS": 20.9, "FFN": 57.2, "sweep_first": 53.3, "sweep_last": 59.5}
 # The paper's Table 5, CIFAR-10-LT IF 100, ResNet-32 (the fusion sweep of its Table 3 peaks
-# inside (0, 1) on CIFAR-10-LT: at w1 = 0.5 for IF 200).
+# inside the simplex on CIFAR-10-LT: at 0.5 and 0.5 for IF 200).
 PAPER_TABLE5 = {"CE": 70.70, "KPS": 79.93, "FFN": 85.24}
 
 
@@ -86,6 +88,28 @@ def prepare_cifar10_lt(archive: Path, work_dir: Path, seed: int = 0) -> tuple[Pa
     return images, splits
 
 
+def cifar_overrides(images: Path, splits: Path, output_dir: Path, seed: int, schedule: str) -> list[str]:
+    """The CIFAR-10-LT config's overrides for one seed's split, run directory and schedule."""
+    return [
+        f"data.root={images}",
+        f"data.train_split={splits / 'train.txt'}",
+        f"data.test_split={splits / 'test.txt'}",
+        f"data.val_split={splits / 'val.txt'}",
+        f"output_dir={output_dir}",
+        f"seed={seed}",
+        *SCHEDULES[schedule],
+    ]
+
+
+def bench_archive(given: str | None) -> Path | None:
+    """The archive to read (--archive, else `default_archive`); None, saying so, where it is absent."""
+    archive = Path(given) if given else default_archive()
+    if not archive.is_file():
+        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs, --archive); nothing was run")
+        return None
+    return archive
+
+
 def _row(report: dict) -> dict:
     return {k: report.get(k) for k in ACCURACY_COLUMNS}
 
@@ -101,27 +125,20 @@ def _compared(measured: dict, reference: dict, name: str, lines: list[str]) -> d
 
 
 def run_seed(schedule: str, archive: Path, work: Path, seed: int) -> dict:
-    """The whole pipeline, the w1 sweep and every method on one seed's split and training;
+    """The whole pipeline, the fusion sweep and every method on one seed's split and training;
     its figures, also written to `work/SCHEDULE/seedN/accuracy.json`."""
     began = time.perf_counter()
     images, splits = prepare_cifar10_lt(archive, work, seed)
-    overrides = [
-        f"data.root={images}",
-        f"data.train_split={splits / 'train.txt'}",
-        f"data.test_split={splits / 'test.txt'}",
-        f"data.val_split={splits / 'val.txt'}",
-        f"output_dir={work / schedule / f'seed{seed}'}",
-        f"seed={seed}",
-        *SCHEDULES[schedule],
-    ]
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(
+        CONFIG, cifar_overrides(images, splits, work / schedule / f"seed{seed}", seed, schedule)
+    )
     print(f"\n[bench accuracy] seed {seed}: {cfg.output_dir}", flush=True)
     with holding(cfg.output_dir):  # the pipeline and the sweep, one job
         results = run_pipeline(cfg)
         seconds = dict(results["seconds"])
         cache = open_run_cache(cfg)
         with timed(seconds, "sweep"):
-            sweep = fused_sweep(cfg, cache, parse_sweep("w1=0:1:0.1"))
+            sweep = fused_sweep(cfg, cache, simplex_grid(cfg.stage2.fusion, GRID_STEP))
         with timed(seconds, "methods"):  # every classifier method on every feature source
             compared = compare_methods(cfg, cache, list(METHODS))
     seconds["total"] = round(time.perf_counter() - began, 1)
@@ -130,13 +147,12 @@ def run_seed(schedule: str, archive: Path, work: Path, seed: int) -> dict:
         "seed": seed,
         "train_counts": results["train_counts"],
         "figures": {
-            "CE": _row(stage1["CE"]),
-            "KPS": _row(stage1["KPS"]),
+            **{b.upper(): _row(stage1[b.upper()]) for b in cfg.branches},
             "FFN": _row(next(v for k, v in stage1.items() if k.startswith("FFN"))),
         },
-        "w1": cfg.stage2.w1,
-        "sweep": [{"w1": r["w1"], **_row(r["test"])} for r in sweep],
-        "sweep_chosen_on_val": (val_choice(sweep) or {}).get("w1"),
+        "fusion": cfg.stage2.fusion,
+        "sweep": [{"fusion": r["fusion"], **_row(r["test"])} for r in sweep],
+        "sweep_chosen_on_val": (val_choice(sweep) or {}).get("fusion"),
         "methods": {k: compared[k] for k in ("selected_on", "best_on_val", "rows")},
         "seconds": seconds,
     }
@@ -151,7 +167,7 @@ def summarise_runs(schedule: str, runs: list[dict]) -> tuple[dict, str]:
         for name in runs[0]["figures"]
     }
     sweep = [
-        {"w1": point["w1"], "top1": over_seeds([run["sweep"][i]["top1"] for run in runs])}
+        {"fusion": point["fusion"], "top1": over_seeds([run["sweep"][i]["top1"] for run in runs])}
         for i, point in enumerate(runs[0]["sweep"])
     ]
     peak = max(sweep, key=lambda p: p["top1"]["mean"])
@@ -164,68 +180,84 @@ def summarise_runs(schedule: str, runs: list[dict]) -> tuple[dict, str]:
         "train_counts": runs[0]["train_counts"],
         "figures": figures,
         "sweep": sweep,
-        "sweep_peak_w1": peak["w1"],
-        "sweep_peaks_inside": bool(0.0 < peak["w1"] < 1.0),
+        "sweep_peak": peak["fusion"],
+        "sweep_peaks_inside": bool(max(peak["fusion"].values()) < 1.0),  # no branch alone
         "methods": methods["rows"],
         "selected_on_val": methods["selected_on_val"],
         "verdict": methods["verdict"],
         "seconds": {k: round(sum(run["seconds"][k] for run in runs), 1) for k in runs[0]["seconds"]},
     }
     stat = "mean ± std over seeds " + ", ".join(map(str, seeds)) if len(runs) > 1 else f"seed {seeds[0]}"
-    ffn_w1 = runs[0]["w1"]
+    names = list(runs[0]["fusion"])
     lines = [
         f"# CIFAR-10-LT (IF 100), schedule `{schedule}`: test accuracy (%), {stat}",
         "",
         markdown_table(
             ["", *column_names(), "top-1 per seed"],
             [
-                [name if name != "FFN" else f"FFN (w1={ffn_w1:g})"]
+                [name if name != "FFN" else f"FFN ({describe_fusion(runs[0]['fusion'])})"]
                 + [spread(s) for s in stats.values()]
                 + [per_seed(stats["top1"])]
                 for name, stats in figures.items()
             ],
         ),
         "",
-        "## The w1 sweep (FFN's classifier on w1 f̂_kps + (1 - w1) f̂_ce)",
+        f"## The fusion sweep (FFN's classifier on sum_b w_b f̂_b, steps of {GRID_STEP:g})",
         "",
         markdown_table(
-            ["w1", "test top-1", "per seed"],
-            [[f"{p['w1']:.1f}", spread(p["top1"]), per_seed(p["top1"])] for p in sweep],
+            [*names, "test top-1", "per seed"],
+            [
+                [*(f"{w:.1f}" for w in p["fusion"].values()), spread(p["top1"]), per_seed(p["top1"])]
+                for p in sweep
+            ],
         ),
         "",
-        f"The mean peaks at w1 = {peak['w1']:.1f}, "
-        + ("inside (0, 1)." if body["sweep_peaks_inside"] else "at an end of [0, 1]."),
+        f"The mean peaks at {describe_fusion(peak['fusion'])}, "
+        + ("inside the simplex." if body["sweep_peaks_inside"] else "at a corner: one branch alone."),
         "",
         "## Classifier methods on the cache (`ffn train-classifier --methods all`)",
         "",
         "Hyperparameters chosen on val; 'vs FFN' is the paired difference in test top-1 to FFN's "
-        "classifier on the same seed's fused features (w1 chosen on val).",
+        "classifier on the same seed's fused features (the fusion chosen on val).",
         "",
         methods["table"],
         "",
         "wall time over all seeds (s): " + ", ".join(f"{k} {v:g}" for k, v in body["seconds"].items()),
     ]
-    measured = {name: figures[name]["top1"]["mean"] for name in ("CE", "KPS", "FFN")}
+    measured = {name: figures[name]["top1"]["mean"] for name in figures}
     if schedule == "cpu":
-        measured.update(sweep_w1_0=sweep[0]["top1"]["mean"], sweep_w1_1=sweep[-1]["top1"]["mean"])
+        measured.update(sweep_first=sweep[0]["top1"]["mean"], sweep_last=sweep[-1]["top1"]["mean"])
         body["calibration"] = _compared(measured, CPU_CALIBRATION, "calibration", lines)
     else:
         body["paper"] = _compared(measured, PAPER_TABLE5, "paper", lines)
     return body, "\n".join(lines) + "\n"
 
 
-def bench_accuracy(schedule: str, archive: str | None, work_dir: str, seeds: int = 1) -> dict | None:
-    archive = Path(archive) if archive else default_archive()
-    if not archive.is_file():
-        print(f"skipped: {archive} not found (the CIFAR-10 JPEGs, --archive); nothing was run")
-        return None
+def over_seeds_of(archive: str | None, work_dir: str, seeds: int, run_one) -> tuple[Path, list[dict]] | None:
+    """`run_one(archive, work, seed)` for the seeds 0..seeds-1: the work directory and each
+    seed's figures; None, saying so, where the archive is absent."""
     if seeds < 1:
         raise FFNError(f"--seeds {seeds}: expected 1 or more")
+    found = bench_archive(archive)
+    if found is None:
+        return None
     work = Path(work_dir).resolve()
-    runs = [run_seed(schedule, archive, work, seed) for seed in range(seeds)]
-    body, markdown = summarise_runs(schedule, runs)
-    out = work / schedule
-    write_json(out / "accuracy.json", body)
-    write_text(out / "accuracy.md", markdown)
+    return work, [run_one(found, work, seed) for seed in range(seeds)]
+
+
+def write_summary(out: Path, stem: str, body: dict, markdown: str) -> dict:
+    """`out/STEM.json` and `out/STEM.md`, and the Markdown on the console."""
+    write_json(out / f"{stem}.json", body)
+    write_text(out / f"{stem}.md", markdown)
     print("\n" + markdown + f"\n(JSON and Markdown in {out}; each seed's run in {out}/seedN)", flush=True)
     return body
+
+
+def bench_accuracy(schedule: str, archive: str | None, work_dir: str, seeds: int = 1) -> dict | None:
+    ran = over_seeds_of(
+        archive, work_dir, seeds, lambda found, work, seed: run_seed(schedule, found, work, seed)
+    )
+    if ran is None:
+        return None
+    work, runs = ran
+    return write_summary(work / schedule, "accuracy", *summarise_runs(schedule, runs))

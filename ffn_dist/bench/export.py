@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ffn_dist.bench.timing import interleaved_medians
+from ffn_dist.config import paper_branches
 from ffn_dist.files import write_json
+from ffn_dist.fusion import equal_weights
 from ffn_dist.models.backbones import build_backbone
 from ffn_dist.models.heads import FusedClassifier, LinearForm
 from ffn_dist.predict import ExportedModel
@@ -39,9 +41,10 @@ def bench_export(archs: list[str], batch_size: int, rounds: int, work_dir: str |
     with tempfile.TemporaryDirectory() as scratch:
         for arch in archs:
             size, classes = SHAPES[arch]
-            ce, kps = build_backbone(arch), build_backbone(arch)
-            head = LinearForm.cosine(torch.randn(classes, ce.embedding_dim))
-            model = FusedClassifier(ce, kps, 0.5, head).eval()
+            backbones = {name: build_backbone(arch) for name in paper_branches()}  # the paper's pair's shape
+            fusion = dict(zip(backbones, equal_weights(len(backbones)), strict=True))
+            head = LinearForm.cosine(torch.randn(classes, next(iter(backbones.values())).embedding_dim))
+            model = FusedClassifier(backbones, fusion, head).eval()
             out = Path(work_dir or scratch) / arch
             start = time.perf_counter()
             save_model(model, out, size)

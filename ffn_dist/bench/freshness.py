@@ -60,7 +60,7 @@ def build_run(work: Path, cache_gb: float, dims: int) -> Path:
     rows = int(cache_gb * 1e9 / (len(cfg.branches) * dims * 2)) // SHARD_ROWS * SHARD_ROWS
     print(f"writing a synthetic cache: {rows:,} rows x {len(cfg.branches)} x {dims} fp16 ...", flush=True)
     begin_stage(cfg, "cache")
-    write_synthetic_cache(cache_dir(cfg), rows, dims, classes, shard_rows=SHARD_ROWS)
+    write_synthetic_cache(cache_dir(cfg), cfg.branches, rows, dims, classes, shard_rows=SHARD_ROWS)
     finish_stage(cfg, "cache", [cache_dir(cfg) / "manifest.json"])
     fit_classifier(cfg)
     evaluate_run(cfg)

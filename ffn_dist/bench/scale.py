@@ -83,8 +83,8 @@ def bench_splits(work: Path, images: int, classes: int) -> dict:
 
 
 def bench_stage2_scale(cfg: Config, work: Path, rows: int, dims: int, classes: int) -> dict:
-    print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
-    cache = write_synthetic_cache(work / "cache", rows, dims, classes)
+    print(f"writing a synthetic cache: {rows:,} rows x {len(cfg.branches)} x {dims} fp16 ...", flush=True)
+    cache = write_synthetic_cache(work / "cache", cfg.branches, rows, dims, classes)
     per_view = sum(p["bytes"] for p in cache.manifest["splits"]["train"]["parts"])
     epoch, steps = cache_epoch_runner(cfg, cache)
     device = classifier_device(cfg.stage2.device, classes * dims)

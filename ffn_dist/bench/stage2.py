@@ -41,18 +41,23 @@ from ffn_dist.tables import markdown_table
 
 
 def write_synthetic_cache(
-    directory: Path, rows: int, dims: int, classes: int, test_rows: int = 1024, shard_rows: int = 16384
+    directory: Path,
+    branches,
+    rows: int,
+    dims: int,
+    classes: int,
+    test_rows: int = 1024,
+    shard_rows: int = 16384,
 ) -> FeatureCache:
-    """Random unit embeddings with the shapes of a real cache (values do not change timings)."""
+    """Random unit embeddings of each of `branches` with the shapes of a real cache (values
+    do not change timings)."""
     gen = torch.Generator().manual_seed(0)
     splits = {}
     for name, count in (("train", rows), ("test", test_rows)):
         parts = []
         for number, start in enumerate(range(0, count, shard_rows)):
             n = min(shard_rows, count - start)
-            tensors = {
-                b: F.normalize(torch.randn(n, dims, generator=gen), dim=1).half() for b in ("kps", "ce")
-            }
+            tensors = {b: F.normalize(torch.randn(n, dims, generator=gen), dim=1).half() for b in branches}
             tensors["labels"] = torch.arange(start, start + n) % classes
             tensors["indices"] = torch.arange(start, start + n)
             file = f"{name}/view0/part{number:05d}.safetensors"
@@ -76,7 +81,7 @@ def cache_epoch_runner(cfg: Config, cache: FeatureCache, torch_step: bool = Fals
     same on autograd and torch.optim.SGD (what the written-out step is measured against)."""
     train = cache.splits["train"]
     device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
-    loop = CachedEpochs(cfg, train, device, cfg.stage2.w1)
+    loop = CachedEpochs(cfg, train, device)
     counts = torch.bincount(torch.from_numpy(train.labels), minlength=cfg.data.num_classes)
     step = ffn_step(cfg, counts, cache.dims, device)
     if torch_step:
@@ -123,7 +128,8 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
     }
     loader = build_loader(cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=scratch)
     s2 = cfg.stage2
-    step_of = ffn_step(cfg, dataset.train.class_counts(), networks["ce"].backbone.embedding_dim, device)
+    dims = next(iter(networks.values())).backbone.embedding_dim
+    step_of = ffn_step(cfg, dataset.train.class_counts(), dims, device)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
     stream = endless_batches(loader)
 
@@ -131,8 +137,8 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
         batch = next(stream)
         with torch.no_grad(), autocast(device, cfg.model.precision):
             images = place_images(batch.images, device)
-            f_ce, f_kps = (networks[b].embed(images).float() for b in cfg.branches)
-        step_of(fused_embedding(f_kps, f_ce, s2.w1, s2.w2), batch.labels.to(device), s2.lr)
+            features = {b: networks[b].embed(images).float() for b in cfg.branches}
+        step_of(fused_embedding(features, s2.fusion), batch.labels.to(device), s2.lr)
 
     step()  # warm-up: loader start, first allocations
 
@@ -154,8 +160,9 @@ def bench_stage2(
     large = None
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="ffn-bench-stage2-") as tmp:
         if rows:
-            print(f"writing a synthetic cache: {rows:,} rows x 2 x {dims} fp16 ...", flush=True)
-            big = write_synthetic_cache(Path(tmp) / "large", rows, dims, classes)
+            shape = f"{rows:,} rows x {len(cfg.branches)} x {dims}"
+            print(f"writing a synthetic cache: {shape} fp16 ...", flush=True)
+            big = write_synthetic_cache(Path(tmp) / "large", cfg.branches, rows, dims, classes)
             big_epoch, big_steps = cache_epoch_runner(_with_classes(cfg, classes), big)
             bound = matmul_bound_runner(big_steps, batch, dims, classes, default_device())
             torch_epoch, _ = cache_epoch_runner(_with_classes(cfg, classes), big, torch_step=True)
@@ -166,7 +173,8 @@ def bench_stage2(
 
         backbones, images = _backbone_epoch_runner(cfg, backbone_steps, tmp)
         embedding_dim = backbone_entry(cfg.model.arch).embedding_dim
-        same = write_synthetic_cache(Path(tmp) / "same", images, embedding_dim, cfg.data.num_classes)
+        classes_here = cfg.data.num_classes
+        same = write_synthetic_cache(Path(tmp) / "same", cfg.branches, images, embedding_dim, classes_here)
         same_epoch, _ = cache_epoch_runner(cfg, same)
         small = interleaved_medians({"cache epoch": same_epoch, "backbones every batch": backbones}, rounds)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ffn_dist.bench.timing import endless_batches, interleaved_medians, synchronize
-from ffn_dist.config import Config
+from ffn_dist.config import Config, head_branch
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.distributed import init_world, make_branches
 from ffn_dist.models.precision import autocast, place_images, place_model
@@ -114,7 +114,8 @@ def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
 def _bench_train(cfg: Config, steps: int, rounds: int) -> dict:
     world = init_world()
     dataset = open_dataset(cfg.data)
-    branch = next(b for b in make_branches(world, cfg) if b.name == "kps")
+    timed = head_branch(cfg)  # the paper's KPS branch: a cosine head and a margin loss
+    branch = next(b for b in make_branches(world, cfg) if b.name == timed)
     trainer = BranchTrainer(cfg, world, branch, dataset)
     device, size, side = world.device, cfg.data.batch_size, cfg.data.image_size
     delivery = batch_delivery(cfg.data.backend, device)
@@ -123,7 +124,7 @@ def _bench_train(cfg: Config, steps: int, rounds: int) -> dict:
     labels = as_delivered(torch.randint(cfg.data.num_classes, (size,), generator=gen), delivery, device)
     rng = np.random.default_rng(0)
 
-    bare_net = place_model(build_network(cfg, "kps"), device)
+    bare_net = place_model(build_network(cfg, timed), device)
     bare_opt = torch.optim.SGD(
         bare_net.parameters(), lr=0.01, momentum=0.9, weight_decay=cfg.stage1.weight_decay
     )

@@ -19,6 +19,7 @@ import torch
 
 from ffn_dist.cache.shards import CacheError, MappedShard, set_aside, shard_problem
 from ffn_dist.files import write_json
+from ffn_dist.fusion import describe_fusion, weighed
 
 MANIFEST = "manifest.json"
 
@@ -56,7 +57,8 @@ class CachedSplit:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return ("fused",) if self.store == "fused" else ("kps", "ce")
+        """The embeddings a row holds: each branch's unit embedding by name, or `fused`."""
+        return tuple(name for name in self.shards[0].arrays if name not in ("labels", "indices"))
 
     def gather(self, rows: np.ndarray, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """The stored (fp16 by default) embeddings of `rows`, in that order."""
@@ -72,22 +74,36 @@ class CachedSplit:
             out[key] = torch.from_numpy(values)
         return out
 
-    def fuse(self, stored: dict[str, torch.Tensor], w1: float, w2: float) -> torch.Tensor:
-        """z = w1 * f̂_kps + w2 * f̂_ce, float32, from gathered rows.
+    def fuse(self, stored: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        """z = sum_b w_b f̂_b in the order of `weights`, float32, from gathered rows (which it
+        may overwrite: they are the caller's copies). A branch of weight 0 is left out of the
+        sum, which is exact (w f̂ + 0 f̂' = w f̂): a fusion that weighs a branch 0 is the fusion
+        of the others alone.
 
         Callers gather many rows at once and fuse a batch at a time: converting and mixing
         a small batch stays in the CPU's cache, a 4096-row block does not (measured 3x)."""
         if self.store == "fused":
-            if not np.isclose(self.fusion["w1"], w1):
+            if set(self.fusion) != set(weights) or not all(
+                np.isclose(self.fusion[name], w) for name, w in weights.items()
+            ):
                 raise CacheError(
-                    f"this cache stores only z for w1={self.fusion['w1']} (cache.store=fused), not w1={w1}; "
-                    "rebuild it with cache.store=normalized to change the fusion weights or sweep them"
+                    f"this cache stores only z for {describe_fusion(self.fusion)} (cache.store=fused), "
+                    f"not {describe_fusion(weights)}; rebuild it with cache.store=normalized to change "
+                    "the fusion weights or sweep them"
                 )
             return stored["fused"].float()
-        return stored["kps"].float().mul_(w1).add_(stored["ce"], alpha=w2)
+        (first, weight), *rest = weighed(weights).items()
+        fused = stored[first].float().mul_(weight)
+        for name, weight in rest:
+            fused.add_(stored[name], alpha=weight)
+        return fused
 
-    def fused(self, rows: np.ndarray, w1: float, w2: float) -> torch.Tensor:
-        return self.fuse(self.gather(rows), w1, w2)
+    def needed(self, weights: dict[str, float]) -> tuple[str, ...]:
+        """The stored embeddings `fuse` reads at `weights`: a branch of weight 0 is not read."""
+        return ("fused",) if self.store == "fused" else tuple(weighed(weights))
+
+    def fused(self, rows: np.ndarray, weights: dict[str, float]) -> torch.Tensor:
+        return self.fuse(self.gather(rows, self.needed(weights)), weights)
 
     def branch(self, rows: np.ndarray, name: str) -> torch.Tensor:
         """One branch's unit embeddings (only a `normalized` cache has them)."""

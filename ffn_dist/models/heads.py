@@ -2,19 +2,18 @@
 
 CE branch: a plain linear head. KPS branch and the stage-2 classifier: a cosine head,
 `normalize(f) @ normalize(W, dim=0)`. Because the cosine head is linear in the normalised
-features, mixing the two branches' cosine logits equals one cosine head applied to the
-fused embedding z = w1*f̂_kps + w2*f̂_ce (not re-normalised), which a feature cache stores.
+features, mixing the branches' cosine logits equals one cosine head applied to the fused
+embedding z = sum_b w_b f̂_b (weights on the simplex, not re-normalised), which a feature
+cache stores.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffn_dist.errors import FFNError
+from ffn_dist.fusion import check_weights, weighed, weighted_sum
 from ffn_dist.models.precision import without_autocast
 
 
@@ -95,21 +94,11 @@ class CosineHead(nn.Module):
 HEADS = {"linear": LinearHead, "cosine": CosineHead}
 
 
-def fused_embedding(f_kps: torch.Tensor, f_ce: torch.Tensor, w1: float, w2: float) -> torch.Tensor:
-    """z = w1 * f̂_kps + w2 * f̂_ce; the fusion weights must sum to 1."""
-    check_fusion_weights(w1, w2)
-    return w1 * F.normalize(f_kps, dim=1) + w2 * F.normalize(f_ce, dim=1)
-
-
-def fusion_pair(w1: float) -> tuple[float, float]:
-    """(w1, w2) with w2 = 1 - w1: the one place the CE branch's weight is derived."""
-    w1 = float(w1)
-    return w1, round(1.0 - w1, 6)
-
-
-def check_fusion_weights(w1: float, w2: float) -> None:
-    if not math.isclose(w1 + w2, 1.0, abs_tol=1e-6):
-        raise FFNError(f"fusion weights must sum to 1 (w1 + w2), got {w1} + {w2} = {w1 + w2:g}")
+def fused_embedding(features: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """z = sum_b w_b f̂_b over the branches of `weights` (on the simplex), in their order; a
+    branch of weight 0 needs no features."""
+    check_weights(weights)
+    return weighted_sum({name: F.normalize(features[name], dim=1) for name in weighed(weights)}, weights)
 
 
 def gated_logits(logits, features, gate_weight, gate_bias, scale, shift) -> torch.Tensor:
@@ -174,13 +163,16 @@ class LinearForm(nn.Module):
 
 
 class FusedClassifier(nn.Module):
-    """The whole FFN classifier, images to logits: both backbones, their unit embeddings,
-    z = w1 * f̂_kps + w2 * f̂_ce, and a classifier of z (a LinearForm)."""
+    """The whole FFN classifier, images to logits: every branch's backbone, their unit
+    embeddings, z = sum_b w_b f̂_b, and a classifier of z (a LinearForm)."""
 
-    def __init__(self, ce: nn.Module, kps: nn.Module, w1: float, head: LinearForm):
+    def __init__(self, backbones: dict[str, nn.Module], weights: dict[str, float], head: LinearForm):
         super().__init__()
-        self.ce, self.kps, self.head = ce, kps, head
-        self.w1, self.w2 = fusion_pair(w1)
+        check_weights(weights)
+        self.weights, self.head = dict(weights), head
+        # a branch of weight 0 adds nothing to z: its backbone is not in the model
+        self.backbones = nn.ModuleDict({name: backbones[name] for name in weighed(weights)})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(fused_embedding(self.kps(images), self.ce(images), self.w1, self.w2))
+        features = {name: backbone(images) for name, backbone in self.backbones.items()}
+        return self.head(fused_embedding(features, self.weights))

@@ -3,10 +3,11 @@
 output_dir/
   config.yaml  configs/ID.yaml  history.jsonl      the frozen config and what ran (history)
   stages/NAME.json                                  a stage's record (stages)
-  stages/classifier/METHOD/w1_X.XX[_seedS].json     one classifier's record: a stage of variants
+  stages/classifier/METHOD/FUSION[_seedS].json      one classifier's record: a stage of variants
   stage1/BRANCH/epoch_NNNN.pt, report.json          stage 1 (checkpoint names: checkpoint.py)
   cache/manifest.json, SPLIT/viewV/partNNNNN.safetensors
-  classifier/METHOD/w1_X.XX[_seedS]/                one classifier: classifier.pt, result.json
+  classifier/METHOD/FUSION[_seedS]/                 one classifier: classifier.pt, result.json
+  (FUSION: each branch's name and weight, kps0.50_ce0.50)
   classifier/sweep.*, classifier/methods/...        the drivers' tables, built from records
   report/  export/  tensorboard/  slurm/
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ffn_dist.checkpoint import checkpoint_path
+from ffn_dist.fusion import fusion_slug
 
 if TYPE_CHECKING:
     from ffn_dist.config import Config
@@ -65,7 +67,7 @@ def classifier_variant(cfg: Config) -> str:
     are in its identity: a change retrains it in the same place."""
     s2 = cfg.stage2
     seed = "" if s2.seed is None or s2.seed == cfg.seed else f"_seed{s2.seed}"
-    return f"{s2.method}/w1_{s2.w1:.2f}{seed}"
+    return f"{s2.method}/{fusion_slug(s2.fusion)}{seed}"
 
 
 def classifier_dir(cfg: Config) -> Path:

@@ -67,8 +67,8 @@ NOT_INPUTS = (
 
 
 def _cache_settings(cfg: Config) -> tuple[str, ...]:
-    """A fused cache stores z for one w1: the fusion weights are then part of it."""
-    fused = ("stage2.w1", "stage2.w2") if cfg.cache.store == "fused" else ()
+    """A fused cache stores z for one fusion: its weights are then part of it."""
+    fused = ("stage2.fusion",) if cfg.cache.store == "fused" else ()
     return ("seed", "data", "model", "cache", *fused)
 
 
@@ -108,7 +108,7 @@ class Stage:
         return self.variant(cfg) if self.variant else None
 
     def label(self, cfg: Config) -> str:
-        """How history and `ffn status` name it: `classifier ffn/w1_0.50` for a variant."""
+        """How history and `ffn status` name it: `classifier ffn/kps0.50_ce0.50` for a variant."""
         variant = self.variant_of(cfg)
         return self.name if variant is None else f"{self.name} {variant}"
 

@@ -1,4 +1,4 @@
-"""`ffn cache-features CONFIG`: both frozen backbones run once; their embeddings go to shards.
+"""`ffn cache-features CONFIG`: every frozen backbone runs once; their embeddings go to shards.
 
 Under torchrun with any number of processes. The work is cut into parts of
 `cache.shard_rows` consecutive samples of one split and one view, independent of the
@@ -33,6 +33,7 @@ from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.splits import Split
 from ffn_dist.distributed import World, init_world, rank0_decides
+from ffn_dist.fusion import weighted_sum
 from ffn_dist.models.backbones import backbone_entry
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
@@ -136,7 +137,7 @@ class _PartWriter:
 
     def _flush(self) -> None:
         part = self.parts[self.current]
-        keys = ("fused",) if self.cfg.cache.store == "fused" else ("kps", "ce")
+        keys = stored_keys(self.cfg)
         if self.pending:
             tensors = {k: torch.cat([p[k] for p in self.pending]) for k in (*keys, "labels", "indices")}
         else:  # every image of the part was excluded as unreadable
@@ -148,26 +149,28 @@ class _PartWriter:
         self.pending, self.current, self.written = [], self.current + 1, self.written + 1
 
 
+def stored_keys(cfg: Config) -> tuple[str, ...]:
+    """What a cache row holds: each branch's unit embedding, or (cache.store=fused) only z."""
+    return ("fused",) if cfg.cache.store == "fused" else tuple(cfg.branches)
+
+
 def _embed(networks: dict[str, Network], images: torch.Tensor, cfg: Config, world: World, split: str) -> dict:
     stored = STORED_DTYPES[stored_dtype(cfg, split)]
     precision = cfg.model.precision if split == "train" else "fp32"
     with torch.no_grad(), autocast(world.device, precision):
         images = place_images(images, world.device)
         unit = {b: F.normalize(networks[b].embed(images).float(), dim=1) for b in cfg.branches}
-    if cfg.cache.store == "fused":
-        rows = {"fused": cfg.stage2.w1 * unit["kps"] + cfg.stage2.w2 * unit["ce"]}
-    else:
-        rows = {b: unit[b] for b in cfg.branches}
+    rows = {"fused": weighted_sum(unit, cfg.stage2.fusion)} if cfg.cache.store == "fused" else unit
     return {key: value.to(stored).cpu() for key, value in rows.items()}
 
 
 def _refuse_non_finite(rows: dict, where: str, cfg: Config) -> None:
     """Embeddings are checked as they are written (on the host copy the write needs anyway)."""
-    for key in ("fused",) if cfg.cache.store == "fused" else cfg.branches:
+    for key in stored_keys(cfg):
         if not bool(torch.isfinite(rows[key]).all()):
             raise StageFailed(
                 f"{where}: the {key} embeddings are not finite; the backbones "
-                f"({final_checkpoint(cfg, 'ce').parent.parent}) or cache.dtype={cfg.cache.dtype} "
+                f"({final_checkpoint(cfg, key).parent.parent}) or cache.dtype={cfg.cache.dtype} "
                 "cannot make a cache. Nothing of this part was written"
             )
 
@@ -188,7 +191,8 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
         run_dir=cfg.output_dir,
     )
     loader.set_epoch(view)  # each augmented view draws its own crops
-    writer = _PartWriter(directory, parts, cfg, networks["ce"].backbone.embedding_dim)
+    dims = next(iter(networks.values())).backbone.embedding_dim  # every branch's backbone is model.backbone
+    writer = _PartWriter(directory, parts, cfg, dims)
     label = f"[cache rank {world.rank}] {parts[0].split} view {view}"
     bar = progress(desc=label, total=len(subset), disable=world.rank != 0)
     for batch in loader:
@@ -249,7 +253,7 @@ def _write_final_manifest(cfg: Config, parts: list[Part], dims: int) -> Path:
         "dtype": {"train": cfg.cache.dtype, "val": EVAL_DTYPE, "test": EVAL_DTYPE},
         "dims": dims,
         "train_views": cfg.cache.train_views,
-        "fusion": {"w1": cfg.stage2.w1, "w2": cfg.stage2.w2} if cfg.cache.store == "fused" else None,
+        "fusion": dict(cfg.stage2.fusion) if cfg.cache.store == "fused" else None,
         "config": config_to_dict(cfg),
         "splits": splits,
     }

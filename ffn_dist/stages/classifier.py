@@ -1,9 +1,9 @@
 """`ffn train-classifier CONFIG`: the classifier stage, the configured method on the cache.
 
 `stage2.method` (default `ffn`: the paper's LDAM cosine classifier) is trained on the fused
-embeddings z = w1*f̂_kps + w2*f̂_ce of the cached training views, its hyperparameters chosen
+embeddings z = sum_b w_b f̂_b (stage2.fusion) of the cached training views, its hyperparameters chosen
 on the val split (`stage2.select`), and scored on view 0 of the val and test splits. Each
-classifier (method, w1, seed: `paths.classifier_variant`) is a record of this stage and a
+classifier (method, fusion, seed: `paths.classifier_variant`) is a record of this stage and a
 directory of its own (`classifier.pt`, its LinearForm; `result.json`, its accuracies): a
 complete one is reused, one whose inputs changed is trained again, saying why. The drivers
 (`--sweep`, `--methods`, `--seeds`: drivers.py) run this stage under overrides.
@@ -17,7 +17,7 @@ import torch
 
 from ffn_dist.cache.store import FeatureCache
 from ffn_dist.checkpoint import load_checkpoint
-from ffn_dist.config import Config, with_settings
+from ffn_dist.config import Config, head_branch, with_settings
 from ffn_dist.errors import FFNError
 from ffn_dist.files import save_torch, write_json
 from ffn_dist.metrics import fit_temperature
@@ -32,9 +32,9 @@ from ffn_dist.stages.methods import REGISTRY, Fitting, grid_of, probability_scal
 RESULT, FORM = "result.json", "classifier.pt"
 
 
-def kps_head_weight(cfg: Config) -> torch.Tensor:
-    """The stage-2 cosine classifier starts from the KPS branch's cosine head."""
-    state = load_checkpoint(final_checkpoint(cfg, "kps"), stage_identity(cfg, "stage1"))
+def initial_head_weight(cfg: Config) -> torch.Tensor:
+    """The stage-2 cosine classifier starts from a stage-1 head: `config.head_branch`'s."""
+    state = load_checkpoint(final_checkpoint(cfg, head_branch(cfg)), stage_identity(cfg, "stage1"))
     return state["model"]["head.weight"]
 
 
@@ -100,7 +100,7 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
         fit_classifier(other, cache, freeze=False)
         return load_form(other)
 
-    fitting = Fitting(cfg, cache, point, lambda: kps_head_weight(cfg), verbose=len(tries) == 1)
+    fitting = Fitting(cfg, cache, point, lambda: initial_head_weight(cfg), verbose=len(tries) == 1)
     scored = []
     for chosen in tries:
         form = method.fit(fitting, **chosen).to(fitting.device)
@@ -110,8 +110,7 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     temperature = _temperature(form, cache, fitting, probability_scale(cfg))
     result = {
         "method": s2.method,
-        "w1": fitting.loop.w1,
-        "w2": fitting.loop.w2,
+        "fusion": dict(fitting.loop.fusion),
         "seed": stage2_seed(cfg),
         "epochs": s2.epochs,
         "chosen": {**chosen, "selected_on": select_on or "published defaults"},
@@ -136,7 +135,7 @@ def _score(
         return None
     scale = probability_scale(fitting.cfg)
     return evaluate_cached(
-        form, cache.splits[split], fitting.loop.w1, fitting.counts, fitting.device, scale, temperature
+        form, cache.splits[split], fitting.loop.fusion, fitting.counts, fitting.device, scale, temperature
     )
 
 
@@ -145,7 +144,7 @@ def _temperature(form: LinearForm, cache: FeatureCache, fitting: Fitting, scale:
     NLL on val; without a val split, not fitted, and why."""
     if "val" not in cache.splits:
         return {"value": None, "fitted": "not fitted: the run has no val split (data.val_split is null)"}
-    logits, labels = cached_logits(form, cache.splits["val"], fitting.loop.w1, fitting.device)
+    logits, labels = cached_logits(form, cache.splits["val"], fitting.loop.fusion, fitting.device)
     return {"value": fit_temperature(scale * logits, labels), "fitted": "on val (minimum NLL)"}
 
 

@@ -3,7 +3,7 @@
 An epoch draws as many rows as there are training images, from every cached view,
 class-balanced ('balanced') or instance-balanced ('shuffle'); gathers them a chunk of
 GATHER_BATCHES batches at a time and moves the chunk to the device in one (pinned) copy;
-fuses each batch (z = w1 f̂_kps + w2 f̂_ce) and takes one step on it at the cosine-decayed
+fuses each batch (z = sum_b w_b f̂_b, stage2.fusion) and takes one step on it at the cosine-decayed
 learning rate of the stage-2 recipe. The losses are summed on the device and read once an
 epoch, so a GPU step never waits on the host.
 
@@ -30,7 +30,7 @@ from ffn_dist.data.loader import to_device
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.errors import FFNError
 from ffn_dist.metrics import logits_report
-from ffn_dist.models.heads import CosineHead, cosine_weight_gradient, fusion_pair
+from ffn_dist.models.heads import CosineHead, cosine_weight_gradient
 from ffn_dist.run.stages import StageFailed
 
 GATHER_BATCHES = 64  # batches gathered from the cache at once: fewer, larger reads
@@ -59,11 +59,11 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 
 
 class CachedEpochs:
-    """Epochs of the stage-2 recipe over the training rows of a cache, at fusion weight w1."""
+    """Epochs of the stage-2 recipe over the training rows of a cache, fused at `cfg.stage2.fusion`."""
 
-    def __init__(self, cfg: Config, split: CachedSplit, device: torch.device, w1: float):
+    def __init__(self, cfg: Config, split: CachedSplit, device: torch.device):
         self.cfg, self.split, self.device = cfg, split, device
-        self.w1, self.w2 = fusion_pair(w1)
+        self.fusion = cfg.stage2.fusion
         self.seed = stage2_seed(cfg)
         self.images = len(split.rows_of_view(0))
         self.labels = torch.from_numpy(split.labels)
@@ -79,13 +79,14 @@ class CachedEpochs:
         total, chunk = torch.zeros((), device=self.device), s2.batch_size * GATHER_BATCHES
         for begin in range(0, len(draws), chunk):
             rows = draws[begin : begin + chunk]
-            stored = {k: to_device(v, self.device) for k, v in self.split.gather(rows).items()}
+            gathered = self.split.gather(rows, self.split.needed(self.fusion))
+            stored = {k: to_device(v, self.device) for k, v in gathered.items()}
             targets = to_device(self.labels[rows], self.device)
             for offset in range(0, len(rows), s2.batch_size):
                 lr = cosine_lr(s2.lr, epoch * steps + (begin + offset) // s2.batch_size, s2.epochs * steps)
                 batch = {k: v[offset : offset + s2.batch_size] for k, v in stored.items()}
                 total += step(
-                    self.split.fuse(batch, self.w1, self.w2), targets[offset : offset + s2.batch_size], lr
+                    self.split.fuse(batch, self.fusion), targets[offset : offset + s2.batch_size], lr
                 )
         return total / steps
 
@@ -151,22 +152,22 @@ class CosineStep:
         return loss.detach()
 
 
-def cached_logits(logits_of, split: CachedSplit, w1: float, device, chunk: int = 8192):
-    """A classifier's logits (fused features at w1 -> logits) on view 0 of a cached split, on
-    the CPU in fp32, and the split's labels."""
+def cached_logits(logits_of, split: CachedSplit, fusion: dict[str, float], device, chunk: int = 8192):
+    """A classifier's logits (features fused at `fusion` -> logits) on view 0 of a cached
+    split, on the CPU in fp32, and the split's labels."""
     rows = split.rows_of_view(0)
     logits = []
     with torch.no_grad():
         for begin in range(0, len(rows), chunk):
-            features = split.fused(rows[begin : begin + chunk], *fusion_pair(w1)).to(device)
+            features = split.fused(rows[begin : begin + chunk], fusion).to(device)
             logits.append(logits_of(features).float().cpu())
     return torch.cat(logits), torch.as_tensor(split.labels[rows])
 
 
 def evaluate_cached(
-    logits_of, split: CachedSplit, w1: float, train_counts, device, scale: float = 1.0, temperature=None
+    logits_of, split: CachedSplit, fusion: dict, train_counts, device, scale: float = 1.0, temperature=None
 ) -> dict:
     """The report of a classifier on view 0 of a cached split; its probabilities are
     softmax(scale * logits), calibrated by `temperature` where one is given."""
-    logits, labels = cached_logits(logits_of, split, w1, device)
+    logits, labels = cached_logits(logits_of, split, fusion, device)
     return logits_report(logits, labels, np.asarray(train_counts), scale, temperature)

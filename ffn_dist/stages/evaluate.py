@@ -2,15 +2,15 @@
 
 CE and KPS alone are each branch's own head on the test split as stage 1 scored it (the
 CE linear head; the KPS cosine logits, argmax without r or margins, as the authors do).
-The third row is the configured classifier (`stage2.method` at `stage2.w1`; FFN's by
-default). After `ffn train-classifier --methods`, the method chosen on the val split joins
-them. Each row has its accuracies, its accuracy under shifted test priors (priors.py) and
-its calibration (ECE, NLL; the stage-2 classifiers' also after the temperature fitted on
-val). With `--prior FILE`, the configured classifier is also scored under that prior with
-and without the logit adjustment `ffn predict --prior` makes; with `--test-split FILE`, the
-file's images are scored by the classifier's export (predict.score_test_lists). Outputs go to
-`output_dir/report/`: report.json, report.md, per_class.png (the paper's Fig. 6),
-reliability.png and, with --tsne, tsne.png.
+The row after the branches' is the configured classifier (`stage2.method` at
+`stage2.fusion`; FFN's by default). After `ffn train-classifier --methods`, the method chosen
+on the val split joins them. Each row has its accuracies, its accuracy under shifted test
+priors (priors.py) and its calibration (ECE, NLL; the stage-2 classifiers' also after the
+temperature fitted on val). With `--prior FILE`, the configured classifier is also scored
+under that prior with and without the logit adjustment `ffn predict --prior` makes; with
+`--test-split FILE`, the file's images are scored by the classifier's export
+(predict.score_test_lists). Outputs go to `output_dir/report/`: report.json, report.md,
+per_class.png (the paper's Fig. 6), reliability.png and, with --tsne, tsne.png.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from ffn_dist.config import Config
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
+from ffn_dist.fusion import describe_fusion
 from ffn_dist.metrics import logits_report
 from ffn_dist.plots import figure
 from ffn_dist.priors import IMBALANCES, logit_adjustment, prior_accuracy, read_prior, shifted_accuracies
@@ -43,9 +44,9 @@ def _read(path: Path, produced_by: str) -> dict:
 
 
 def classifier_name(cfg: Config) -> str:
-    """The configured classifier's row: `FFN (w1=0.5)`, `crt (w1=0.5)`."""
+    """The configured classifier's row: `FFN (kps 0.5, ce 0.5)`, `crt (kps 0.5, ce 0.5)`."""
     method = "FFN" if cfg.stage2.method == "ffn" else cfg.stage2.method
-    return f"{method} (w1={cfg.stage2.w1:g})"
+    return f"{method} ({describe_fusion(cfg.stage2.fusion)})"
 
 
 def collect_results(cfg: Config) -> dict:
@@ -71,7 +72,7 @@ def collect_results(cfg: Config) -> dict:
         "config": config_id(cfg),  # configs/ID.yaml in the run directory: the settings behind it
         "classifier": {
             "method": cfg.stage2.method,
-            "w1": cfg.stage2.w1,
+            "fusion": cfg.stage2.fusion,
             "temperature": classifier["temperature"],
         },
         "train_counts": counts,
@@ -158,7 +159,8 @@ def prior_shift(cfg: Config, prior_spec: str, train_counts) -> dict:
     from ffn_dist.stages.methods import probability_scale
 
     prior = read_prior(prior_spec, cfg.data.num_classes)
-    logits, labels = cached_logits(load_form(cfg), open_run_cache(cfg).splits["test"], cfg.stage2.w1, "cpu")
+    test = open_run_cache(cfg).splits["test"]
+    logits, labels = cached_logits(load_form(cfg), test, cfg.stage2.fusion, "cpu")
     logits = probability_scale(cfg) * logits
     adjusted = logits + torch.from_numpy(logit_adjustment(prior, train_counts)).float()
     scored = {
@@ -182,7 +184,7 @@ def plot_per_class(results: dict, path: Path) -> None:
 
 
 def plot_tsne(cfg: Config, path: Path) -> None:
-    """t-SNE of test embeddings (the paper's Fig. 5): CE, KPS and fused when cached."""
+    """t-SNE of test embeddings (the paper's Fig. 5): each branch's (when cached) and the fused ones."""
     from sklearn.manifold import TSNE
 
     from ffn_dist.stages.cache import open_run_cache
@@ -190,10 +192,9 @@ def plot_tsne(cfg: Config, path: Path) -> None:
     test = open_run_cache(cfg).splits["test"]
     rows = test.rows_of_view(0)
     rows = np.random.default_rng(cfg.seed).permutation(rows)[:TSNE_POINTS]
-    w1, w2 = cfg.stage2.w1, cfg.stage2.w2
-    panels = {f"fused (w1={w1:g})": test.fused(rows, w1, w2)}
+    panels = {f"fused ({describe_fusion(cfg.stage2.fusion)})": test.fused(rows, cfg.stage2.fusion)}
     if test.store == "normalized":
-        panels = {"CE": test.branch(rows, "ce"), "KPS": test.branch(rows, "kps"), **panels}
+        panels = {**{b.upper(): test.branch(rows, b) for b in cfg.branches}, **panels}
     with figure(path, ncols=len(panels), figsize=(4 * len(panels), 4), squeeze=False) as (_, axes):
         for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
             points = TSNE(init="pca", random_state=cfg.seed, perplexity=min(30, len(rows) - 1)).fit_transform(

@@ -1,14 +1,14 @@
-"""`ffn export CONFIG`: the run's classifier (`stage2.method` at `stage2.w1`) as one model
+"""`ffn export CONFIG`: the run's classifier (`stage2.method` at `stage2.fusion`) as one model
 that runs outside this project.
 
 Writes `output_dir/export/`:
   model.onnx  the whole classifier as one graph, from a normalised image batch (NCHW float32,
-              any batch size) to logits: both backbones, their unit embeddings, the fusion at
-              w1 and the stage-2 classifier. Runs with ONNX Runtime alone.
+              any batch size) to logits: every branch's backbone, their unit embeddings,
+              the fusion at stage2.fusion and the stage-2 classifier. Runs with ONNX Runtime alone.
   model.pt2   the same model as a `torch.export` program: `torch.export.load(path).module()`
               runs it with torch alone, without this package.
   model.json  class names in logit order, the eval preprocessing, the training class counts
-              and shot groups, the method and w1, the run's config identity and the test
+              and shot groups, the method and its fusion weights, the run's config identity and the test
               accuracy the run reported for this classifier.
 Another classifier of the run is exported by naming it: `ffn export CONFIG stage2.method=crt`.
 """
@@ -26,6 +26,7 @@ from ffn_dist.data.dataset import split_path
 from ffn_dist.data.splits import shot_groups
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, writing
+from ffn_dist.fusion import describe_fusion, weighed
 from ffn_dist.models.heads import FusedClassifier
 from ffn_dist.run.history import config_id
 from ffn_dist.run.paths import export_dir
@@ -35,7 +36,7 @@ from ffn_dist.stages.cache import load_frozen
 from ffn_dist.stages.classifier import load_form, read_result
 from ffn_dist.stages.methods import probability_scale
 
-FORMAT = 1
+FORMAT = 2  # 2: `fusion`, a weight per branch, for 1's w1 and w2
 
 
 class ExportRefused(FFNError):
@@ -104,12 +105,13 @@ def export_run(cfg: Config) -> Path:
             )
     s2, result = cfg.stage2, read_result(cfg)
     cpu = torch.device("cpu")
-    ce, kps = (load_frozen(cfg, branch, cpu).backbone for branch in cfg.branches)
-    model = FusedClassifier(ce, kps, s2.w1, load_form(cfg)).eval()
+    backbones = {branch: load_frozen(cfg, branch, cpu).backbone for branch in weighed(s2.fusion)}
+    model = FusedClassifier(backbones, s2.fusion, load_form(cfg)).eval()
     _refuse_non_finite(model)
     out = export_dir(cfg)
     size = cfg.data.image_size
-    print(f"export: {s2.method} at w1={s2.w1:g}: tracing ({size}x{size} inputs, any batch size)", flush=True)
+    shown = f"{s2.method} at {describe_fusion(s2.fusion)}"
+    print(f"export: {shown}: tracing ({size}x{size} inputs, any batch size)", flush=True)
     save_model(model, out, size)
     counts = np.asarray(result["train_counts"])
     groups = shot_groups(counts)
@@ -135,8 +137,7 @@ def export_run(cfg: Config) -> Path:
         "probability_scale": probability_scale(cfg),
         "temperature": result["temperature"]["value"],
         "temperature_fitted": result["temperature"]["fitted"],
-        "w1": model.w1,
-        "w2": model.w2,
+        "fusion": model.weights,
         "config": config_id(cfg),
         "reported_test": reported_test(result),
         "files": {"onnx": "model.onnx", "torch": "model.pt2"},

@@ -1,7 +1,7 @@
 """The stage-2 methods: one registry of classifiers trained (or fitted) on the feature cache.
 
 `stage2.method` names one; the classifier stage (classifier.py) trains it on the fused
-embeddings at `stage2.w1` (w1 = 0: the CE branch's features alone, 1: the KPS branch's),
+embeddings at `stage2.fusion` (a weight of 1 on one branch: its features alone),
 choosing its hyperparameters (`stage2.METHOD.*`, each a grid) on the val split. Every method
 that trains runs the one loop of epochs.py on the stage-2 recipe (SGD with momentum, cosine
 decay, stage2.epochs, stage2.lr), so they differ only in what their entry says. Each returns
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ffn_dist.cache.store import FeatureCache
 from ffn_dist.config import Config
+from ffn_dist.fusion import describe_fusion
 from ffn_dist.losses import (
     LDAMLoss,
     balanced_softmax_loss,
@@ -65,20 +66,22 @@ from ffn_dist.stages.epochs import CachedEpochs, CosineStep, OptimizerStep, clas
 
 
 class Fitting:
-    """What a method's fit works with: the training rows of the cache at the config's w1,
+    """What a method's fit works with: the training rows of the cache at the config's fusion,
     their class counts, the device, the one loop; `point(method)` is another method's
     classifier at the same settings (erm, which several methods start from), trained or
-    reused by the classifier stage; `kps_head` the KPS branch's stage-1 head weight."""
+    reused by the classifier stage; `initial_head` the stage-1 head weight FFN's classifier
+    starts from (config.head_branch's)."""
 
-    def __init__(self, cfg: Config, cache: FeatureCache, point: Callable, kps_head: Callable, verbose: bool):
-        self.cfg, self.cache, self.point, self.kps_head, self.verbose = cfg, cache, point, kps_head, verbose
+    def __init__(self, cfg: Config, cache: FeatureCache, point: Callable, initial_head: Callable, verbose):
+        self.cfg, self.cache, self.point, self.verbose = cfg, cache, point, verbose
+        self.initial_head = initial_head
         self.train = cache.splits["train"]
         self.counts = np.bincount(
             self.train.labels[self.train.rows_of_view(0)], minlength=cfg.data.num_classes
         )
         self.device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
-        self.loop = CachedEpochs(cfg, self.train, self.device, cfg.stage2.w1)
-        self.name = f"classifier {cfg.stage2.method} w1={cfg.stage2.w1:.2f}"
+        self.loop = CachedEpochs(cfg, self.train, self.device)
+        self.name = f"classifier {cfg.stage2.method} at {describe_fusion(cfg.stage2.fusion)}"
         counts = torch.as_tensor(self.counts, dtype=torch.float32)
         self.log_prior = torch.log(counts / counts.sum()).to(self.device)
         self.log_counts = torch.log(counts).to(self.device)
@@ -132,10 +135,10 @@ class Fitting:
         return form.weight, form.bias
 
     def cosine_head(self) -> CosineHead:
-        """A cosine head initialised from the KPS branch's (FFN's and LDAM-DRW's start)."""
+        """A cosine head initialised from config.head_branch's (FFN's and LDAM-DRW's start)."""
         head = CosineHead(self.cache.dims, self.cfg.data.num_classes)
         with torch.no_grad():
-            head.weight.copy_(self.kps_head())
+            head.weight.copy_(self.initial_head())
         return head.to(self.device)
 
     def ldam(self, weight=None) -> LDAMLoss:
@@ -182,7 +185,7 @@ def fit_ncm(f: Fitting) -> LinearForm:
     rows = f.train.rows_of_view(0)
     for begin in range(0, len(rows), 8192):
         picked = rows[begin : begin + 8192]
-        features = f.train.fused(picked, f.loop.w1, f.loop.w2)
+        features = f.train.fused(picked, f.loop.fusion)
         sums.index_add_(0, torch.from_numpy(f.train.labels[picked]), F.normalize(features, dim=1))
     return LinearForm(F.normalize(sums, dim=1).to(f.device), normalize_input=True)
 
