@@ -745,7 +745,12 @@ def _migrate(raw: dict) -> None:
             kps["processes"] = kps_ranks
     stage2 = raw.get("stage2")
     if isinstance(stage2, dict) and "w1" in stage2 and "fusion" not in stage2:
-        stage2["fusion"] = {"kps": stage2.pop("w1"), "ce": stage2.pop("w2", None)}
+        w1 = stage2.pop("w1")
+        w2 = stage2.pop("w2", None)  # left out: 1 - w1, as that release's sweep derived it
+        stage2["fusion"] = {
+            "kps": w1,
+            "ce": round(1.0 - w1, 6) if w2 is None and isinstance(w1, (int, float)) else w2,
+        }
 
 
 def _default_fusion(raw: dict) -> None:

@@ -188,6 +188,8 @@ def test_a_file_without_fusion_weighs_its_branches_equally_and_an_old_one_keeps_
     assert load_config(write(tmp_path, listed)).stage2.fusion == {"ce": 0.5, "kps": 0.5}
     old = write(tmp_path, "stage2:\n  w1: 0.8\n  w2: 0.2\n")  # a run's frozen config of an earlier release
     assert load_config(old).stage2.fusion == {"kps": 0.8, "ce": 0.2}
+    w1_alone = write(tmp_path, "stage2:\n  w1: 0.9\n")  # w2 left out: 1 - w1
+    assert load_config(w1_alone).stage2.fusion == {"kps": 0.9, "ce": 0.1}
     assert equal_weights(3) == [0.333333, 0.333333, 0.333334] and sum(equal_weights(3)) == pytest.approx(1.0)
 
 

@@ -111,3 +111,26 @@ def test_imports_flow_one_way():
             if layer_of(target) > layer_of(module) and (module, target) not in ALLOWED:
                 found.append(f"{module} imports {target}")
     assert found == []
+
+
+def test_no_module_but_the_config_names_a_branch():
+    """The branches are the config's: no other module spells the paper's pair's names. They
+    are also loss names, which the loss registry spells, and the rows of the paper's tables,
+    which the CIFAR benchmark compares with (its reference figures)."""
+    import ast
+
+    from ffn_dist.config import paper_branches
+
+    names = {case(name) for name in paper_branches() for case in (str.lower, str.upper)}
+    spelled = []
+    for path in [*(REPO / "ffn_dist").rglob("*.py"), *(REPO / "launchers").glob("*.py")]:
+        if path.relative_to(REPO).as_posix() in (
+            "ffn_dist/config.py",
+            "ffn_dist/losses.py",
+            "ffn_dist/bench/accuracy.py",
+        ):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+    assert not spelled, spelled

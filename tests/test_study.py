@@ -121,7 +121,13 @@ def test_the_study_compares_each_fusion_with_the_reference_seed_by_seed(tmp_path
     assert "| three | 60.33 ± 0.76 |" in markdown and "| +1.33 ± 0.29 |" in markdown
     assert "Better than pair on every seed: three (+1.33 ± 0.29 points)." in markdown
     assert "kps 0.4, bs 0.3, ce 0.3; kps 0.4, bs 0.3, ce 0.3" in markdown  # the weights val chose, per seed
-    assert "## Sweep: three (3 fusions)\n\n| kps | bs | ce | test top-1 | per seed |" in markdown
+    assert "## Sweep: pair (2 fusions)\n\n| kps | ce | test top-1 | per seed |" in markdown
+    # three branches: a triangle, kps's weight a row, bs's a column, ce's the rest
+    assert (
+        "## Sweep: three (3 fusions)\n\n| kps \\ bs | 0.0 | 1.0 |\n|---|---|---|\n| 0.0 | 42.00 | 41.00 |"
+        in markdown
+    )
+    assert "| 1.0 | 40.00 |  |\n\n(ce: 1 minus the other two" in markdown
     runs[2]["fusions"]["three"]["test"]["top1"] = 58.0  # worse than the pair on seed 2
     body, markdown = summarise_study(study, "cpu", runs)
     assert body["better_than_reference_on_every_seed"] == []

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ffn_dist.bench.accuracy import CONFIG, cifar_overrides, over_seeds_of, prepare_cifar10_lt, write_summary
-from ffn_dist.config import ConfigError, load_config, shipped_configs
+from ffn_dist.config import ConfigError, describe_branch, load_config, shipped_configs
 from ffn_dist.drivers import GRID_STEP, fused_sweep, val_choice
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
@@ -31,7 +31,15 @@ from ffn_dist.fusion import describe_fusion, equal_weights, simplex_grid
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.pipeline import run_pipeline, timed
-from ffn_dist.tables import ACCURACY_COLUMNS, column_names, markdown_table, over_seeds, per_seed, spread
+from ffn_dist.tables import (
+    ACCURACY_COLUMNS,
+    column_names,
+    markdown_table,
+    number,
+    over_seeds,
+    per_seed,
+    spread,
+)
 
 STUDY_KEYS = ("branches", "fusions")
 
@@ -42,6 +50,7 @@ class Study:
     path: Path
     branches: dict  # a config's `branches` section, as the file spells it
     fusions: dict[str, list[str]]  # a fusion's name -> the branches it weighs
+    described: dict[str, str]  # a branch's name -> how it trains ('kps loss, cosine head')
 
     @property
     def reference(self) -> str:
@@ -88,7 +97,8 @@ def read_study(name_or_path: str) -> Study:
             raise FFNError(
                 f"{path}: fusions.{name}: {unknown[0]} is not a branch of the study ({', '.join(branches)})"
             )
-    return Study(path.stem, path, raw["branches"], {str(k): list(v) for k, v in fusions.items()})
+    described = {name: describe_branch(branch) for name, branch in branches.items()}
+    return Study(path.stem, path, raw["branches"], {str(k): list(v) for k, v in fusions.items()}, described)
 
 
 def _override(key: str, value) -> str:
@@ -234,7 +244,7 @@ def study_markdown(study: Study, body: dict) -> str:
         for name, f in body["fusions"].items()
     ]
     branch_rows = [
-        [b, describe_branch_settings(study.branches[b]), spread(s["own_head"]), spread(s["features_alone"])]
+        [b, study.described[b], spread(s["own_head"]), spread(s["features_alone"])]
         for b, s in body["branches"].items()
     ]
     lines = [
@@ -267,18 +277,8 @@ def study_markdown(study: Study, body: dict) -> str:
         ),
     ]
     for name, f in body["fusions"].items():
-        lines += [
-            "",
-            f"## Sweep: {name} ({len(f['sweep'])} fusions)",
-            "",
-            markdown_table(
-                [*f["branches"], "test top-1", "per seed"],
-                [
-                    [*(f"{w:.1f}" for w in p["fusion"].values()), spread(p["top1"]), per_seed(p["top1"])]
-                    for p in f["sweep"]
-                ],
-            ),
-        ]
+        table = triangle_table(f) if len(f["branches"]) == 3 else sweep_table(f)
+        lines += ["", f"## Sweep: {name} ({len(f['sweep'])} fusions)", "", table]
     lines += [
         "",
         "wall time over all seeds (s): " + ", ".join(f"{k} {v:g}" for k, v in body["seconds"].items()),
@@ -286,8 +286,34 @@ def study_markdown(study: Study, body: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_branch_settings(settings: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
+def sweep_table(fusion: dict) -> str:
+    """A row per point of a sweep: its weights, test top-1 over seeds and per seed."""
+    return markdown_table(
+        [*fusion["branches"], "test top-1", "per seed"],
+        [
+            [*(f"{w:.1f}" for w in p["fusion"].values()), spread(p["top1"]), per_seed(p["top1"])]
+            for p in fusion["sweep"]
+        ],
+    )
+
+
+def triangle_table(fusion: dict) -> str:
+    """A simplex of three branches as a triangle: the first branch's weight a row, the
+    second's a column, the third's the rest; each cell the mean test top-1 over seeds."""
+    first, second, third = fusion["branches"]
+    cells = {(p["fusion"][first], p["fusion"][second]): p["top1"]["mean"] for p in fusion["sweep"]}
+    rows_of = sorted({a for a, _ in cells})
+    columns = sorted({b for _, b in cells})
+    return (
+        markdown_table(
+            [f"{first} \\ {second}", *(f"{b:.1f}" for b in columns)],
+            [
+                [f"{a:.1f}", *(number(cells.get((a, b))) if (a, b) in cells else "" for b in columns)]
+                for a in rows_of
+            ],
+        )
+        + f"\n\n({third}: 1 minus the other two; the mean test top-1 over the seeds)"
+    )
 
 
 def _verdict(body: dict, reference: str, seeds: int) -> str:
