@@ -100,7 +100,7 @@ class ModelConfig:
     arch: str = opt(
         "resnet32",
         choices=list(BACKBONES),
-        doc="both branches' backbone, by name (models/backbones.py): resnet32 (CIFAR), torchvision's ResNets",
+        doc="every branch's backbone, by name (models/backbones.py): resnet32 (CIFAR), torchvision's ResNets",
     )
     pretrained: str | None = opt(
         None,
@@ -114,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class Stage1Config:
-    epochs: int = opt(200, ge=1, doc="training epochs of both backbones")
+    epochs: int = opt(200, ge=1, doc="training epochs of every branch's backbone")
     lr: float = opt(0.1, gt=0.0, doc="the recipe's base learning rate, for the batch data.batch_size")
     momentum: float = opt(0.9, ge=0.0, le=1.0, doc="SGD momentum")
     weight_decay: float = opt(2e-4, ge=0.0, doc="SGD weight decay")

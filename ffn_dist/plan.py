@@ -49,6 +49,10 @@ FORWARD_SHARE = 1 / 3  # a forward pass per image, as a share of a training step
 CLASSIFIER_ROWS = 8192  # rows of the synthetic cache a classifier epoch is timed on
 STORED_BYTES = {"fp16": 2, "fp32": 4}
 ROW_BYTES = 16  # a cached row's label and index (int64 each)
+# A SLURM job's own start, outside every stage's figure: srun, Python and torch imports, the
+# frozen config. Without it a job whose stages take seconds (the data stage, the classifier)
+# would get a limit of `launch.signal_delay_s` alone, and SLURM's USR2 as it starts.
+JOB_START_S = 60
 
 
 # ----------------------------------------------------------------------------- the layout
@@ -286,7 +290,7 @@ def predict(cfg: Config, probe: Probe, shape: RunShape, dp_efficiency: float) ->
             gpus,
             probe.peak_memory_gb,
             cache_bytes,
-            f"{cache_rows} rows ({cfg.cache.train_views} views of train, val, test) through both backbones "
+            f"{cache_rows} rows ({cfg.cache.train_views} views of train, val, test) through every backbone "
             f"on {on}; start-up as stage 1's; memory at most stage 1's (no gradients); size "
             f"rows x {stored} x {dims} dims x bytes ({cfg.cache.dtype} train, fp32 val/test), 16 more a row",
         ),
@@ -391,9 +395,9 @@ def read_plan(cfg: Config) -> dict:
 
 
 def time_limits(saved: dict, margin: float, warning_s: float = 0.0) -> list[str]:
-    """`launch.*_minutes` overrides: each job's predicted time x `margin`, plus `warning_s`
-    (`launch.signal_delay_s`: SLURM's USR2 comes that long before the limit, and a job should
-    not be stopped before its predicted end), in whole minutes."""
+    """`launch.*_minutes` overrides: each job's predicted time x `margin`, plus its start
+    (`JOB_START_S`) and `warning_s` (`launch.signal_delay_s`: SLURM's USR2 comes that long
+    before the limit, and a job should not be stopped before its predicted end), in whole minutes."""
     if margin < 1:
         raise FFNError(
             f"--plan-margin: {margin:g}; a time limit below the prediction would cut the job short"
@@ -401,7 +405,9 @@ def time_limits(saved: dict, margin: float, warning_s: float = 0.0) -> list[str]
     seconds: dict[str, float] = {}
     for stage in STAGES:
         seconds[stage.minutes] = seconds.get(stage.minutes, 0.0) + saved["stages"][stage.name]["seconds"]
-    minutes = {key: max(1, math.ceil((value * margin + warning_s) / 60)) for key, value in seconds.items()}
+    minutes = {
+        key: math.ceil((value * margin + JOB_START_S + warning_s) / 60) for key, value in seconds.items()
+    }
     return [f"launch.{key}={value}" for key, value in minutes.items()]
 
 

@@ -58,15 +58,18 @@ def test_time_limits_are_each_jobs_prediction_times_the_margin():
             s.name: {"seconds": seconds} for s, seconds in zip(STAGES, [20, 600, 100, 50, 31], strict=True)
         }
     }
-    limits = time_limits(saved, 1.5)
+    limits = time_limits(saved, 1.5)  # each x 1.5, plus a minute for the job's start
     assert limits == [
-        "launch.data_minutes=1",  # 30 s
-        "launch.stage1_minutes=15",
-        "launch.cache_minutes=3",  # 150 s
-        "launch.classifier_minutes=3",  # the classifier and the report share a job: 81 s x 1.5
+        "launch.data_minutes=2",  # 30 s + 60 s
+        "launch.stage1_minutes=16",
+        "launch.cache_minutes=4",  # 150 s + 60 s
+        "launch.classifier_minutes=4",  # the classifier and the report share a job: 81 s x 1.5 + 60 s
     ]
     # SLURM's warning (launch.signal_delay_s) comes on top: a job is not stopped before its end
-    assert time_limits(saved, 1.5, 120)[1] == "launch.stage1_minutes=17"
+    assert time_limits(saved, 1.5, 120)[1] == "launch.stage1_minutes=18"
+    # a job of stages that take no time still starts before USR2 reaches it
+    instant = {"stages": {s.name: {"seconds": 0.0} for s in STAGES}}
+    assert all(limit.endswith("=3") for limit in time_limits(instant, 1.5, 120))
     with pytest.raises(FFNError, match="--plan-margin: 0.8; a time limit below the prediction"):
         time_limits(saved, 0.8)
 
