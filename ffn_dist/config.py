@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ import yaml
 from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_text
-from ffn_dist.fusion import check_weights, equal_weights, weighed
+from ffn_dist.fusion import DIGITS, check_weights, equal_weights, weighed
 from ffn_dist.losses import LOSSES, MARGIN_LOSSES, REWEIGHTABLE_LOSSES
 from ffn_dist.models.backbones import BACKBONES
 from ffn_dist.models.heads import HEADS
@@ -669,9 +670,11 @@ def _allowed(tp, meta: dict) -> str:
     return " and ".join([_type_name(tp), *bounds]) if bounds else _type_name(tp)
 
 
-def _shown(value) -> str:
-    """A value as YAML writes it in one line (`null`, `[0.5, 0.5]`)."""
-    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).split("\n...")[0].strip()
+def yaml_line(value) -> str:
+    """A value as YAML writes it in one line (`null`, `[0.5, 0.5]`, `{kps: 0.5, ce: 0.5}`): a
+    default in the settings reference, a value in an override."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf)
+    return text.split("\n...")[0].strip()
 
 
 def describe_settings(cfg: Config | None = None) -> list[dict]:
@@ -705,7 +708,7 @@ def explain(cfg: Config) -> str:
     lines = []
     for row in describe_settings(cfg):
         doc = f"  # {row['doc']}" if row["doc"] else ""
-        lines.append(f"{row['key']}: {_shown(row['value'])}{doc}")
+        lines.append(f"{row['key']}: {yaml_line(row['value'])}{doc}")
         lines.append(f"    allowed: {row['allowed']}")
     return "\n".join(lines)
 
@@ -718,7 +721,7 @@ def settings_reference() -> str:
         if head != section:
             section = head
             out += ["", f"### `{section}`", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
-        default = _shown(row["value"])
+        default = yaml_line(row["value"])
         cells = [f"`{row['key']}`", f"`{default}`", row["allowed"], row["doc"].replace("|", "\\|")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out).strip() + "\n"
@@ -749,7 +752,7 @@ def _migrate(raw: dict) -> None:
         w2 = stage2.pop("w2", None)  # left out: 1 - w1, as that release's sweep derived it
         stage2["fusion"] = {
             "kps": w1,
-            "ce": round(1.0 - w1, 6) if w2 is None and isinstance(w1, (int, float)) else w2,
+            "ce": round(1.0 - w1, DIGITS) if w2 is None and isinstance(w1, (int, float)) else w2,
         }
 
 

@@ -25,7 +25,7 @@ from ffn_dist.cache.store import FeatureCache
 from ffn_dist.config import Config, with_settings
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
-from ffn_dist.fusion import along, describe_fusion, one_hot, simplex_grid
+from ffn_dist.fusion import DIGITS, along, describe_fusion, one_hot, simplex_grid
 from ffn_dist.plots import figure
 from ffn_dist.run.paths import classifier_root, methods_dir
 from ffn_dist.rundir import holds_run_dir
@@ -80,7 +80,9 @@ def parse_sweep(text: str, fusion: dict[str, float]) -> list[dict[str, float]]:
             values = [float(x) for x in spec.split(",")]
     except ValueError:
         raise FFNError(f"--sweep {text!r}: {expected} (STEP > 0, STOP >= START)") from None
-    values = sorted({round(float(v), 6) for v in values})  # floats: a numpy scalar fails weights_only loads
+    values = sorted(
+        {round(float(v), DIGITS) for v in values}
+    )  # floats: a numpy scalar fails weights_only loads
     if not all(0.0 <= v <= 1.0 for v in values):
         raise FFNError(f"--sweep {text!r}: every weight must be in [0, 1], got {values}")
     return along(fusion, key, values)

@@ -26,6 +26,7 @@ from ffn_dist.files import write_json, write_text
 from ffn_dist.fusion import describe_fusion, simplex_grid
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
+from ffn_dist.stages.evaluate import branch_name, classifier_name
 from ffn_dist.stages.methods import METHODS
 from ffn_dist.stages.pipeline import run_pipeline, timed
 from ffn_dist.tables import (
@@ -147,8 +148,8 @@ def run_seed(schedule: str, archive: Path, work: Path, seed: int) -> dict:
         "seed": seed,
         "train_counts": results["train_counts"],
         "figures": {
-            **{b.upper(): _row(stage1[b.upper()]) for b in cfg.branches},
-            "FFN": _row(next(v for k, v in stage1.items() if k.startswith("FFN"))),
+            **{branch_name(b): _row(stage1[branch_name(b)]) for b in cfg.branches},
+            "FFN": _row(stage1[classifier_name(cfg)]),
         },
         "fusion": cfg.stage2.fusion,
         "sweep": [{"fusion": r["fusion"], **_row(r["test"])} for r in sweep],

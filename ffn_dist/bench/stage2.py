@@ -128,8 +128,9 @@ def _backbone_epoch_runner(cfg: Config, timed_steps: int, scratch: str | None = 
     }
     loader = build_loader(cfg.data, dataset.train, train=True, balanced=True, device=device, run_dir=scratch)
     s2 = cfg.stage2
-    dims = next(iter(networks.values())).backbone.embedding_dim
-    step_of = ffn_step(cfg, dataset.train.class_counts(), dims, device)
+    step_of = ffn_step(
+        cfg, dataset.train.class_counts(), backbone_entry(cfg.model.arch).embedding_dim, device
+    )
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.data.batch_size)
     stream = endless_batches(loader)
 

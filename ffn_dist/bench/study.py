@@ -23,13 +23,14 @@ from pathlib import Path
 import yaml
 
 from ffn_dist.bench.accuracy import CONFIG, cifar_overrides, over_seeds_of, prepare_cifar10_lt, write_summary
-from ffn_dist.config import ConfigError, describe_branch, load_config, shipped_configs
+from ffn_dist.config import ConfigError, describe_branch, load_config, shipped_configs, yaml_line
 from ffn_dist.drivers import GRID_STEP, fused_sweep, val_choice
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
 from ffn_dist.fusion import describe_fusion, equal_weights, simplex_grid
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
+from ffn_dist.stages.evaluate import branch_name
 from ffn_dist.stages.pipeline import run_pipeline, timed
 from ffn_dist.tables import (
     ACCURACY_COLUMNS,
@@ -102,7 +103,7 @@ def read_study(name_or_path: str) -> Study:
 
 
 def _override(key: str, value) -> str:
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 20).strip()}"
+    return f"{key}={yaml_line(value)}"
 
 
 def within(names: list[str], weights: dict[str, float]) -> dict[str, float]:
@@ -170,7 +171,7 @@ def run_study_seed(study: Study, schedule: str, archive: Path, work: Path, seed:
         "branches": {
             b: {
                 "settings": study.branches[b],
-                "own_head": results["methods"][b.upper()]["top1"],
+                "own_head": results["methods"][branch_name(b)]["top1"],
                 "features_alone": next(  # None for a branch no fusion weighs
                     (p["top1"] for f in fusions.values() if (p := _corner(f["sweep"], b)) is not None), None
                 ),

@@ -49,8 +49,12 @@ def record_path(cfg: Config, name: str, variant: str | None = None) -> Path:
     return records / f"{name}.json" if variant is None else records / name / f"{variant}.json"
 
 
+def stage1_dir(cfg: Config) -> Path:
+    return run_dir(cfg) / "stage1"
+
+
 def branch_dir(cfg: Config, branch: str) -> Path:
-    return run_dir(cfg) / "stage1" / branch
+    return stage1_dir(cfg) / branch
 
 
 def final_checkpoint(cfg: Config, branch: str) -> Path:

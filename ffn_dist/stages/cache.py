@@ -37,7 +37,7 @@ from ffn_dist.fusion import weighted_sum
 from ffn_dist.models.backbones import backbone_entry
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.progress import progress
-from ffn_dist.run.paths import cache_dir, final_checkpoint
+from ffn_dist.run.paths import cache_dir, final_checkpoint, stage1_dir
 from ffn_dist.run.stages import (
     StageFailed,
     begin_stage,
@@ -170,7 +170,7 @@ def _refuse_non_finite(rows: dict, where: str, cfg: Config) -> None:
         if not bool(torch.isfinite(rows[key]).all()):
             raise StageFailed(
                 f"{where}: the {key} embeddings are not finite; the backbones "
-                f"({final_checkpoint(cfg, key).parent.parent}) or cache.dtype={cfg.cache.dtype} "
+                f"({stage1_dir(cfg)}) or cache.dtype={cfg.cache.dtype} "
                 "cannot make a cache. Nothing of this part was written"
             )
 
@@ -191,8 +191,7 @@ def _extract(cfg: Config, world: World, split: Split, view: int, parts: list[Par
         run_dir=cfg.output_dir,
     )
     loader.set_epoch(view)  # each augmented view draws its own crops
-    dims = next(iter(networks.values())).backbone.embedding_dim  # every branch's backbone is model.backbone
-    writer = _PartWriter(directory, parts, cfg, dims)
+    writer = _PartWriter(directory, parts, cfg, backbone_entry(cfg.model.arch).embedding_dim)
     label = f"[cache rank {world.rank}] {parts[0].split} view {view}"
     bar = progress(desc=label, total=len(subset), disable=world.rank != 0)
     for batch in loader:

@@ -43,6 +43,11 @@ def _read(path: Path, produced_by: str) -> dict:
     return json.loads(path.read_text())
 
 
+def branch_name(branch: str) -> str:
+    """A branch's row in the report (its own stage-1 head): `CE`, `KPS`."""
+    return branch.upper()
+
+
 def classifier_name(cfg: Config) -> str:
     """The configured classifier's row: `FFN (kps 0.5, ce 0.5)`, `crt (kps 0.5, ce 0.5)`."""
     method = "FFN" if cfg.stage2.method == "ffn" else cfg.stage2.method
@@ -52,7 +57,7 @@ def classifier_name(cfg: Config) -> str:
 def collect_results(cfg: Config) -> dict:
     stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in cfg.branches}
     stage_outputs(cfg, "classifier")  # refused, saying what to run, unless it is complete
-    methods = {b.upper(): stage1[b]["test"] for b in cfg.branches}
+    methods = {branch_name(b): stage1[b]["test"] for b in cfg.branches}
     classifier = read_result(cfg)
     methods[classifier_name(cfg)] = classifier["test"]
     compared = methods_dir(cfg) / "methods.json"
@@ -194,7 +199,7 @@ def plot_tsne(cfg: Config, path: Path) -> None:
     rows = np.random.default_rng(cfg.seed).permutation(rows)[:TSNE_POINTS]
     panels = {f"fused ({describe_fusion(cfg.stage2.fusion)})": test.fused(rows, cfg.stage2.fusion)}
     if test.store == "normalized":
-        panels = {**{b.upper(): test.branch(rows, b) for b in cfg.branches}, **panels}
+        panels = {**{branch_name(b): test.branch(rows, b) for b in cfg.branches}, **panels}
     with figure(path, ncols=len(panels), figsize=(4 * len(panels), 4), squeeze=False) as (_, axes):
         for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
             points = TSNE(init="pca", random_state=cfg.seed, perplexity=min(30, len(rows) - 1)).fit_transform(
