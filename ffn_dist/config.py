@@ -314,6 +314,12 @@ class DistConfig:
     engine: str = opt("ddp", choices=["ddp", "deepspeed"], doc="data parallelism inside each branch's group")
     nproc: int = opt(2, ge=1, doc="processes `ffn run` starts for stage 1")
     zero_stage: int = opt(0, ge=0, le=2, doc="DeepSpeed ZeRO stage")
+    timeout_s: int = opt(
+        300,
+        ge=10,
+        doc="seconds the rendezvous and every collective wait for a peer: a lost host ends the job "
+        "in this time (a checkpoint taking longer than this on one rank also fails)",
+    )
 
 
 @dataclass
@@ -390,6 +396,12 @@ class LaunchConfig:
     qos: str | None = opt(None, doc="SLURM quality of service")
     constraint: str | None = opt(None, doc="e.g. a GPU model feature")
     nodes: int = opt(1, ge=1, doc="nodes for stage 1 and the cache job")
+    min_nodes: int | None = opt(
+        None,
+        ge=1,
+        doc="the fewest nodes stage 1 and the cache may start on, or resume on after a node is lost "
+        "(SLURM requeues the job; null: launch.nodes, all of them)",
+    )
     gpus_per_node: int = opt(0, ge=0, doc="0: CPU tasks, dist.nproc per node")
     cpus_per_task: int = opt(4, ge=1, doc="CPU cores per task: DALI threads + the training process")
     mem_gb: int | None = opt(None, ge=1, doc="memory per node")
@@ -403,6 +415,8 @@ class LaunchConfig:
     setup: list[str] = opt([], doc="shell lines run before the job, e.g. module load cuda")
 
     def validate(self, prefix: str) -> None:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ConfigError(f"{prefix}min_nodes: at most launch.nodes ({self.nodes}), got {self.min_nodes}")
         for i, item in enumerate(self.sbatch):
             if "=" not in item or item.startswith("="):
                 raise ConfigError(

@@ -53,7 +53,11 @@ def _own_groups(world: World) -> list:
     """One single-rank group per rank, created by every rank in the same order (a one-rank
     NCCL group is allowed even where processes share a GPU)."""
     backend = "nccl" if world.device.type == "cuda" else "gloo"
-    return [dist.new_group([r], backend=backend) for r in range(world.size)] if world.size > 1 else []
+    return (
+        [dist.new_group([r], backend=backend, timeout=world.timeout) for r in range(world.size)]
+        if world.size > 1
+        else []
+    )
 
 
 class DeepSpeedEngine(Engine):

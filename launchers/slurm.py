@@ -176,6 +176,10 @@ def slurm_parameters(cfg: Config, stages: tuple[Stage, ...], dependency: str | N
         extra[_checked(f"launch.sbatch[{i}]", key)] = (
             _checked(f"launch.sbatch[{i}]", value) if value else True
         )
+    if res["nodes"] > 1 and (launch.min_nodes or launch.nodes) < launch.nodes:
+        # A range: SLURM starts the job on as many as it has, and a job requeued after losing a
+        # node runs on those left (stage 1 resumes at that process count).
+        extra["nodes"] = f"{launch.min_nodes}-{launch.nodes}"
     if dependency:
         params["dependency"] = f"afterok:{dependency}"
         extra["kill-on-invalid-dep"] = "yes"  # a failed stage cancels the ones after it
@@ -305,7 +309,7 @@ def _submit_chain(cfg: Config, kind: str, wait: bool, hold) -> list[dict]:
         print(f"follow:  ffn status {directory}/config.yaml   or   squeue -j {ids}", flush=True)
     if wait and kind == "slurm":
         for record in records:
-            if not _wait_for(_slurm_job(record), record["stage"], record):
+            if not _wait_for(_slurm_job(record), record["stage"], record, _slurm_watch(cfg)):
                 _save_record(cfg, kind, records)
                 raise FFNError(_failure_message(record))
         _save_record(cfg, kind, records)
@@ -320,9 +324,11 @@ def _slurm_job(record: dict):
     return submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])
 
 
-def _wait_for(job, name: str, record: dict, poll_s: float = 2.0) -> bool:
-    """Block until the job ends; record its final state; True if it completed."""
-    while not job.done():
+def _wait_for(job, name: str, record: dict, watch=None, poll_s: float = 2.0) -> bool:
+    """Block until the job ends; record its final state; True if it completed. `watch(job_id)`
+    (SLURM): whether the job is still queued or running, which submitit's done() cannot tell
+    once a task of an attempt that SLURM then requeued wrote its failure."""
+    while watch(str(job.job_id)) if watch else not job.done():
         time.sleep(poll_s)
     try:
         job.results()  # one result per task
@@ -333,6 +339,57 @@ def _wait_for(job, name: str, record: dict, poll_s: float = 2.0) -> bool:
         return False
     print(f"{name}: completed (job {record['job_id']})", flush=True)
     return True
+
+
+# States after which SLURM may still requeue a job (JobRequeue=1): seen for a while before
+# the job is taken as ended.
+REQUEUABLE_STATES = {"NODE_FAIL", "PREEMPTED", "REQUEUED", "REQUEUE_FED"}
+ENDED_STATES = FAILED_STATES | {"COMPLETED", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+
+
+def _scontrol_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o ID` as a dict ({} once SLURM has forgotten the job)."""
+    import subprocess
+
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if shown.returncode != 0:
+        return {}
+    return dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+
+
+def _slurm_watch(cfg: Config, settle_s: float = 30.0):
+    """The `watch` of `_wait_for` for SLURM jobs. A job that SLURM requeued after losing a node
+    keeps the node count it ran with; where `launch.min_nodes` allows fewer, it is shrunk to the
+    range again, so that it resumes on the nodes left instead of waiting for the lost one."""
+    import subprocess
+
+    ended_since: dict[str, float] = {}
+
+    def still_going(job_id: str) -> bool:
+        info = _scontrol_job(job_id)
+        if not info:
+            return False  # forgotten by slurmctld: ended (sacct has its state)
+        state = info.get("JobState", "")
+        low, high = cfg.launch.min_nodes or cfg.launch.nodes, cfg.launch.nodes
+        if (
+            state == "PENDING"
+            and int(info.get("Restarts", "0")) > 0
+            and "ReqNodeNotAvail" in info.get("Reason", "")
+            and low < int(info.get("NumNodes", "1")) <= high
+        ):
+            tasks = low * tasks_per_node(cfg)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", f"NumNodes={low}-{high}", f"NumTasks={tasks}"],
+                capture_output=True,
+            )
+            _log(f"job {job_id}: requeued after a node was lost; may now resume on {low} to {high} node(s)")
+        if state in REQUEUABLE_STATES:
+            first = ended_since.setdefault(job_id, time.monotonic())
+            return time.monotonic() - first < settle_s
+        ended_since.pop(job_id, None)
+        return state not in ENDED_STATES
+
+    return still_going
 
 
 def _job_error(exc: Exception) -> str:

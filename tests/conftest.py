@@ -43,7 +43,7 @@ def world_env():
 @pytest.fixture
 def world(world_env):
     """A world of one (gloo) in this process."""
-    return init_world()
+    return init_world(60)
 
 
 @pytest.fixture

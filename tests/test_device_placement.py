@@ -5,6 +5,8 @@ on the CPU, which is what a CUDA run does with one left behind (`ffn bench stage
 its backbones on the CPU while the batch went to the GPU). No values are computed.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from ffn_dist.bench import stage2
 from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
-from ffn_dist.distributed import World, make_branches
+from ffn_dist.distributed import make_branches
 from ffn_dist.stages.backbones import BranchTrainer
 from tests.conftest import CONFIG, tiny_overrides
 
@@ -23,7 +25,7 @@ META = torch.device("meta")
 def test_a_stage1_step_keeps_every_tensor_on_the_models_device(world, tiny_root, tmp_path, backend):
     cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / "run", f"data.backend={backend}"))
     dataset = open_dataset(cfg.data)
-    on_meta = World(world.rank, world.size, world.local_rank, META)
+    on_meta = dataclasses.replace(world, device=META)
     for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, on_meta, branch, dataset)
         batch = next(iter(trainer.train_loader))  # as the loader delivers it: on the device

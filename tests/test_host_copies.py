@@ -7,6 +7,8 @@ pageable memory is staged synchronously by the driver, so what a GPU loop copies
 is what it waits on per step.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ffn_dist.config import load_config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import to_device
-from ffn_dist.distributed import World, make_branches
+from ffn_dist.distributed import make_branches
 from ffn_dist.stages.backbones import BranchTrainer
 from ffn_dist.stages.epochs import CachedEpochs
 from tests.conftest import CONFIG, tiny_overrides
@@ -45,7 +47,7 @@ class HostCopies(TorchDispatchMode):
 def branches_on_meta(world, tiny_root, tmp_path):
     def make(backend):
         cfg = load_config(CONFIG, tiny_overrides(tiny_root, tmp_path / backend, f"data.backend={backend}"))
-        dataset, on_meta = open_dataset(cfg.data), World(world.rank, world.size, world.local_rank, META)
+        dataset, on_meta = open_dataset(cfg.data), dataclasses.replace(world, device=META)
         return [BranchTrainer(cfg, on_meta, branch, dataset) for branch in make_branches(world, cfg)]
 
     return make

@@ -38,7 +38,7 @@ def slurm_env():
     assert started.returncode == 0, started.stdout + started.stderr
     env = dict(os.environ)
     env.update(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
-    pids = [int((directory / name).read_text()) for name in ("slurmctld.pid", "slurmd.pid")]
+    pids = [int(path.read_text()) for path in directory.glob("slurm*.pid")]  # slurmctld, slurmd
     yield env
     subprocess.run(["bash", SCRIPT, "stop", directory], timeout=120, check=True)
     for pid in pids:  # stopped by pid: the daemons it started are gone

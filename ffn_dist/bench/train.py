@@ -112,7 +112,7 @@ def bench_train(cfg: Config, steps: int, rounds: int) -> dict:
 
 
 def _bench_train(cfg: Config, steps: int, rounds: int) -> dict:
-    world = init_world()
+    world = init_world(cfg.dist.timeout_s)
     dataset = open_dataset(cfg.data)
     timed = head_branch(cfg)  # the paper's KPS branch: a cosine head and a margin loss
     branch = next(b for b in make_branches(world, cfg) if b.name == timed)

@@ -117,6 +117,8 @@ def stage_seconds(cfg: Config, stage: str) -> tuple[float, bool] | None:
     for line in read_history(cfg):
         if line["stage"] != stage:
             continue
+        if line["event"] == "placed":  # where the attempt runs, not its end
+            continue
         time = datetime.datetime.fromisoformat(line["time"])
         if line["event"] == "started":
             began = time
@@ -129,3 +131,23 @@ def stage_seconds(cfg: Config, stage: str) -> tuple[float, bool] | None:
     if total:
         return total, False
     return (done, False) if done is not None else None
+
+
+def placements(cfg: Config, stage: str) -> tuple[dict[str, list[int]] | None, list[str]]:
+    """Where the stage's latest attempt ran ({host: ranks}), and a line per host lost in an
+    attempt: the host a failed collective named (`lost_host`), else one that ran an attempt
+    and was absent from the next."""
+    hosts, placed_at, lost, named = None, None, [], set()
+    for line in read_history(cfg):
+        if line["stage"] != stage:
+            continue
+        if line["event"] == "placed":
+            for host in hosts or {}:
+                if host not in line["hosts"] and host not in named:
+                    lost.append(f"host {host} lost: in the attempt placed at {placed_at}, not in the next")
+            hosts, placed_at, named = line["hosts"], line["time"], set()
+        elif line["event"] == "failed" and line.get("lost_host") and line["lost_host"] not in named:
+            named.add(line["lost_host"])
+            ranks = ", ".join(map(str, line.get("lost_ranks", [])))
+            lost.append(f"host {line['lost_host']} lost at {line['time']} (ranks {ranks})")
+    return hosts, lost

@@ -60,6 +60,7 @@ NOT_INPUTS = (
     "stage1.keep_checkpoints",
     # the layout: the recipe (global batch, lr) is the same on any number of processes
     "dist.nproc",
+    "dist.timeout_s",  # how long a rank waits for its peers, not what it computes
     "branches.*.processes",
     "stage1.accumulation",
     "stage1.max_micro_batch",
@@ -365,20 +366,34 @@ def finish_stage(cfg: Config, name: str, outputs: list[Path]) -> None:
 
 
 @contextmanager
-def recorded(cfg: Config, name: str):
+def recorded(cfg: Config, name: str, world=None):
     """Whatever stops the block is recorded as stage `name`'s end: a stop request as a stop,
-    an error with its message (`ffn status` shows it)."""
+    an error with its message (`ffn status` shows it). With the stage's `world`: where its
+    ranks run is logged and recorded first, and a collective that fails because a peer went
+    away is recorded naming the peer's host (`lost_host`)."""
     from ffn_dist.stopping import StopRequested, Terminated
 
     label = stage_named(name).label(cfg)
     try:
-        yield
+        if world is None:
+            yield
+        else:
+            from ffn_dist.distributed import naming_lost_peers
+
+            if world.rank == 0:
+                print(f"[{name}] {world.describe()}", flush=True)
+                hosts = {p.host: list(world.ranks_on(p.host)) for p in world.placements}
+                log_event(cfg, label, "placed", hosts=hosts)
+            with naming_lost_peers(world):
+                yield
     except (StopRequested, Terminated) as stop:
         note_end(cfg, label, "stopped", reason=str(stop) or type(stop).__name__)
         raise
     except Exception as exc:
         error = str(exc) if isinstance(exc, FFNError) else f"{type(exc).__name__}: {exc}"
-        note_end(cfg, label, "failed", error=error)
+        host = getattr(exc, "host", None)  # distributed.PeerLost: the host it lost
+        lost = {"lost_host": host, "lost_ranks": list(exc.ranks)} if host else {}
+        note_end(cfg, label, "failed", error=error, **lost)
         raise
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ffn_dist.config import describe_branch
 from ffn_dist.progress import format_duration
-from ffn_dist.run.history import config_id, load_run_config, stage_seconds
+from ffn_dist.run.history import config_id, load_run_config, placements, stage_seconds
 from ffn_dist.run.paths import frozen_config_path, plan_path, run_dir
 from ffn_dist.run.stages import STAGES, describe_changes, flatten, stage_state
 
@@ -32,7 +32,17 @@ def run_status(cfg: Config, verify: bool = False) -> tuple[list[str], bool]:
         failed = failed or state == "failed"
         timing = _timing(frozen, stage.label(frozen), planned.get(stage.name))
         lines.append(f"{stage.label(frozen):<11} {state}" + (f": {detail}" if detail else "") + timing)
+        lines += _placement_lines(frozen, stage.label(frozen))
     return lines, failed
+
+
+def _placement_lines(cfg: Config, label: str) -> list[str]:
+    """Where a stage of several processes ran (its latest attempt), and the hosts it lost."""
+    hosts, lost = placements(cfg, label)
+    if not hosts:
+        return []
+    where = ", ".join(f"{host} ranks {','.join(map(str, ranks))}" for host, ranks in hosts.items())
+    return [f"{'':<11} ran on {where}", *(f"{'':<11} {line}" for line in lost)]
 
 
 def _planned_seconds(cfg: Config) -> dict[str, float]:

@@ -447,7 +447,7 @@ def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None 
     test, and `ffn plan`'s probe); with one process, the first branch's."""
     if only is not None and only not in cfg.branches:
         raise FFNError(f"--branch {only}: not a branch of this config (branches: {', '.join(cfg.branches)})")
-    world = init_world()
+    world = init_world(cfg.dist.timeout_s)
     previous = {signum: stop_on(signum) for signum in (signal.SIGUSR2, signal.SIGTERM)}
     reports = {}
     try:
@@ -457,7 +457,7 @@ def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None 
             # do not come from is refused before its record (or history) is touched.
             dataset = open_dataset(cfg.data)
             cfg = rank0_decides(world, lambda: _begin(cfg))  # every rank trains from rank 0's
-            with recorded(cfg, "stage1"):
+            with recorded(cfg, "stage1", world):
                 try:
                     for branch in make_branches(world, cfg):
                         if only in (None, branch.name):

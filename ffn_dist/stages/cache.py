@@ -263,9 +263,9 @@ def _write_final_manifest(cfg: Config, parts: list[Part], dims: int) -> Path:
 
 def cache_features(cfg: Config, rebuild: bool = False) -> Path:
     """Write (or complete) the run's feature cache; returns the manifest's path."""
-    world = init_world()
+    world = init_world(cfg.dist.timeout_s)
     try:
-        with holding(cfg.output_dir, world), recorded(cfg, "cache"):
+        with holding(cfg.output_dir, world), recorded(cfg, "cache", world):
             manifest = _cache_features(cfg, world, rebuild)
         # Every rank past its last collective before any tears its process group down: a rank
         # that exits while its peer's gloo threads still talk to it was seen to abort at exit

@@ -19,7 +19,7 @@ from ffn_dist.stages.backbones import BranchTrainer
 
 def main(out_dir, *overrides):
     cfg = load_config(None, list(overrides))
-    world = init_world()
+    world = init_world(60)
     dataset = open_dataset(cfg.data)
     for branch in make_branches(world, cfg):
         trainer = BranchTrainer(cfg, world, branch, dataset)

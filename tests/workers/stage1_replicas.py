@@ -29,7 +29,7 @@ def digest(module) -> str:
 
 def main(out_dir, *overrides):
     cfg = load_config(None, list(overrides))
-    world = init_world()
+    world = init_world(60)
     dataset = open_dataset(cfg.data)
     result = {}
     for branch in make_branches(world, cfg):
