@@ -124,11 +124,11 @@ def lost_host_to_first_step(directory: Path, env: dict, data: list[str], work: P
         time.sleep(0.1)
     sh("bash", SCRIPT, "kill-host", directory, 1)
     lost = time.perf_counter()
-    resumed = re.compile(r"2 process\(es\) on 1 host\(s\).*?\n(.*\n)*?.*step \d+/", re.M)
+    # the requeued attempt: a task that resumed a branch and logged a step after it
+    resumed = re.compile(r"resuming from[^\n]*\n(?:[^\n]*\n)*?[^\n]*step \d+/")
     try:
         while True:
-            logs = "".join(p.read_text() for p in (out / "slurm" / "stage1").glob("*_log.out"))
-            if resumed.search(logs):
+            if any(resumed.search(p.read_text()) for p in (out / "slurm" / "stage1").glob("*_log.out")):
                 return time.perf_counter() - lost
             if chain.poll() is not None:
                 raise SystemExit("the chain ended before stage 1 resumed")
@@ -136,6 +136,14 @@ def lost_host_to_first_step(directory: Path, env: dict, data: list[str], work: P
     finally:
         chain.wait()
         sh("bash", SCRIPT, "start-host", directory, 1)
+
+
+class Figures(dict):
+    """Each figure printed as it is measured (a later step may fail), then all as JSON."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key}: {value}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -152,7 +160,7 @@ def main() -> None:
         raise SystemExit(f"no cluster: {started.stderr.strip()}")
     env = dict(os.environ)
     env.update(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
-    figures = {}
+    figures = Figures()
     try:
         data = [f"data.root={work / 'data'}"]  # the built-in demo data, written once, read by both
         figures["demo_1_host_4_processes_s"] = round(
