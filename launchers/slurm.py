@@ -131,6 +131,11 @@ def stage1_groups(cfg: Config) -> tuple[dict, dict]:
     return plan_groups(placements, branch_shares(cfg), cfg.dist.engine), split_batches(cfg, len(placements))
 
 
+def node_range(cfg: Config) -> tuple[int, int]:
+    """The fewest and the most nodes of stage 1's and the cache's jobs."""
+    return cfg.launch.min_nodes or cfg.launch.nodes, cfg.launch.nodes
+
+
 def job_resources(cfg: Config, stages: tuple[Stage, ...]) -> dict:
     """One task for a job of one-process stages; else the whole allocation."""
     launch = cfg.launch
@@ -176,10 +181,11 @@ def slurm_parameters(cfg: Config, stages: tuple[Stage, ...], dependency: str | N
         extra[_checked(f"launch.sbatch[{i}]", key)] = (
             _checked(f"launch.sbatch[{i}]", value) if value else True
         )
-    if res["nodes"] > 1 and (launch.min_nodes or launch.nodes) < launch.nodes:
+    low, high = node_range(cfg)
+    if res["nodes"] > 1 and low < high:
         # A range: SLURM starts the job on as many as it has, and a job requeued after losing a
         # node runs on those left (stage 1 resumes at that process count).
-        extra["nodes"] = f"{launch.min_nodes}-{launch.nodes}"
+        extra["nodes"] = f"{low}-{high}"
     if dependency:
         params["dependency"] = f"afterok:{dependency}"
         extra["kill-on-invalid-dep"] = "yes"  # a failed stage cancels the ones after it
@@ -370,7 +376,7 @@ def _slurm_watch(cfg: Config, settle_s: float = 30.0):
         if not info:
             return False  # forgotten by slurmctld: ended (sacct has its state)
         state = info.get("JobState", "")
-        low, high = cfg.launch.min_nodes or cfg.launch.nodes, cfg.launch.nodes
+        low, high = node_range(cfg)
         if (
             state == "PENDING"
             and int(info.get("Restarts", "0")) > 0
