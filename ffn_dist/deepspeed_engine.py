@@ -11,6 +11,7 @@ it is the same on any number of ranks, and loading cuts it into this group's par
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 
 import torch
@@ -85,6 +86,19 @@ class DeepSpeedEngine(Engine):
         self.module = model
         self.partitioned = cfg.dist.zero_stage > 0
         self.momentum = cfg.stage1.momentum > 0  # SGD keeps a momentum buffer only then
+
+    def close(self) -> None:
+        """Remove ZeRO's gradient hooks and DeepSpeed's global mpu. They hold the engine and the
+        branch's process groups (the hooks from autograd's C++ side, which the garbage
+        collector cannot see), so without this they live until interpreter teardown, where
+        destroying their gloo threads in arbitrary order can abort a process whose work is
+        done (SIGABRT, "terminate called")."""
+        from deepspeed.utils import groups
+
+        self.engine.destroy()
+        # deepspeed.initialize keeps the mpu, and through it the branch's groups, in a global.
+        groups.mpu = None
+        gc.collect()
 
     def micro_batch(self, last: bool):
         return nullcontext()  # DeepSpeed reduces at its accumulation boundary itself

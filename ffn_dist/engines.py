@@ -37,6 +37,9 @@ class Engine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def close(self) -> None:
+        """Release what outlives the engine's last reference (nothing, for DDP)."""
+
 
 def no_buffer_sync(ddp_class) -> dict:
     """The DDP argument that stops rank 0's buffers overwriting the others' at every forward:

@@ -17,6 +17,7 @@ from tests.conftest import REPO, run_ffn, run_torchrun, tiny_overrides
 
 WORKER = Path(__file__).parent / "workers" / "stage1_replicas.py"
 STATE_WORKER = Path(__file__).parent / "workers" / "resumed_state.py"
+RELEASED_WORKER = Path(__file__).parent / "workers" / "engines_released.py"
 
 
 def report(out, branch):
@@ -207,6 +208,22 @@ def test_deepspeed_zero2_resumes_exactly_from_its_checkpoint(tiny_root, tmp_path
     resumed, log = run_replicas(tiny_root, tmp_path / "a", *args)
     assert "[kps] resuming from" in log and "epoch_0001.pt" in log
     assert_same_weights(full, resumed, rtol=0, atol=1e-6)
+
+
+def test_deepspeed_engines_and_their_groups_are_released_when_stage1_returns(tiny_root, tmp_path):
+    """ZeRO's gradient hooks (held from autograd's C++ side) and DeepSpeed's global mpu kept
+    every engine and its process groups alive until interpreter teardown, where gloo's threads
+    were destroyed in arbitrary order and now and then aborted a finished worker (SIGABRT)."""
+    args = tiny_overrides(tiny_root, tmp_path / "run", "stage1.epochs=1", "dist.engine=deepspeed")
+    result = subprocess.run(
+        [sys.executable, str(RELEASED_WORKER), *args, "dist.zero_stage=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
 def assert_state_is_the_checkpoints(resumed_file, checkpoint_file):

@@ -462,7 +462,10 @@ def train_backbones(cfg: Config, only: str | None = None, max_steps: int | None 
                     for branch in make_branches(world, cfg):
                         if only in (None, branch.name):
                             trainer = BranchTrainer(cfg, world, branch, dataset, max_steps)
-                            reports[branch.name] = trainer.run()
+                            try:
+                                reports[branch.name] = trainer.run()
+                            finally:
+                                trainer.engine.close()
                     dist.barrier()
                 except StopRequested:
                     # Matches the other ranks' barrier (stopped or finished): when it returns
