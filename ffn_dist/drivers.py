@@ -25,7 +25,7 @@ from ffn_dist.cache.store import FeatureCache
 from ffn_dist.config import Config, with_settings
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
-from ffn_dist.fusion import DIGITS, along, describe_fusion, one_hot, simplex_grid
+from ffn_dist.fusion import DIGITS, along, describe_fusion, one_hot, simplex_grid, weight_text
 from ffn_dist.plots import figure
 from ffn_dist.run.paths import classifier_root, methods_dir
 from ffn_dist.rundir import holds_run_dir
@@ -130,7 +130,7 @@ def sweep_table(results: list[dict]) -> str:
     chosen = val_choice(results)
     names = list(results[0]["fusion"]) if results else []
     rows = [
-        [f"{w:.2f}" for w in r["fusion"].values()]
+        [weight_text(w) for w in r["fusion"].values()]
         + [number((r.get("val") or {}).get("top1")) + (" (chosen)" if r is chosen else "")]
         + accuracy_cells(r["test"], SWEEP_COLUMNS)
         for r in results

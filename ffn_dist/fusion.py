@@ -53,9 +53,16 @@ def describe_fusion(weights: dict[str, float]) -> str:
     return ", ".join(f"{name} {w:g}" for name, w in weights.items())
 
 
+def weight_text(weight: float) -> str:
+    """'0.50', '0.505': a weight with at least 2 decimals and every one that DIGITS keeps, so
+    that two weights differing anywhere DIGITS sees are spelled differently."""
+    whole, _, decimals = f"{round(weight, DIGITS):.{DIGITS}f}".rstrip("0").partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
 def fusion_slug(weights: dict[str, float]) -> str:
-    """'kps0.50_ce0.50': the weights as a directory name."""
-    return "_".join(f"{name}{w:.2f}" for name, w in weights.items())
+    """'kps0.50_ce0.50', 'kps0.505_ce0.495': the weights as a directory name, one per fusion."""
+    return "_".join(f"{name}{weight_text(w)}" for name, w in weights.items())
 
 
 def one_hot(names, name: str) -> dict[str, float]:

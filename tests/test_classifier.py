@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ffn_dist.config import with_settings
 from ffn_dist.drivers import parse_sweep
 from ffn_dist.errors import FFNError
+from ffn_dist.fusion import weight_text
 from ffn_dist.losses import LDAMLoss
 from ffn_dist.models.heads import CosineHead
 from ffn_dist.run.paths import classifier_dir
@@ -120,6 +121,26 @@ def test_sweep_and_evaluate_on_a_real_cache(cached_run, tiny_root, tmp_path):
     for png in ("per_class.png", "tsne.png"):
         assert (cached_run / "report" / png).stat().st_size > 1000
     assert "| FFN (kps 0.5, ce 0.5) |" in (cached_run / "report" / "report.md").read_text()
+
+
+def test_a_sweep_finer_than_two_decimals_has_a_record_and_a_row_per_point(cached_run, tiny_root, tmp_path):
+    """Weights that differ past the second decimal once shared one directory (kps0.50_ce0.50
+    for 0.5, 0.505 and 0.51...), so the points shared records and results, and the table
+    showed one point's figures under another's weights."""
+    cached_run = shutil.copytree(cached_run, tmp_path / "run")
+    args = cache_overrides(tiny_root, cached_run, "stage2.epochs=1")
+    result = run_ffn("train-classifier", CONFIG, *args, "--sweep", "kps=0.5:0.52:0.005")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sorted(p.stem for p in (cached_run / "stages" / "classifier" / "ffn").iterdir())
+    kps = ["0.50", "0.505", "0.51", "0.515", "0.52"]
+    ce = ["0.50", "0.495", "0.49", "0.485", "0.48"]
+    assert records == sorted(f"kps{k}_ce{c}" for k, c in zip(kps, ce, strict=True))
+    table = (cached_run / "classifier" / "sweep.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1:3] for row in table] == [[f" {k} ", f" {c} "] for k, c in zip(kps, ce, strict=True)]
+    for point in json.loads((cached_run / "classifier" / "sweep.json").read_text()):
+        slug = f"kps{weight_text(point['fusion']['kps'])}_ce{weight_text(point['fusion']['ce'])}"
+        own = json.loads((cached_run / "classifier" / "ffn" / slug / "result.json").read_text())
+        assert own["fusion"] == point["fusion"] and own["test"] == point["test"]
 
 
 def test_evaluate_before_stage_2_says_what_to_run(stage1_run, tiny_root, tmp_path):

@@ -13,7 +13,7 @@ from ffn_dist.cache.store import open_cache, write_manifest
 from ffn_dist.checkpoint import save_checkpoint
 from ffn_dist.config import head_branch, load_config
 from ffn_dist.errors import FFNError
-from ffn_dist.fusion import along, check_weights, simplex_grid, weighed
+from ffn_dist.fusion import DIGITS, along, check_weights, fusion_slug, simplex_grid, weighed
 from ffn_dist.models.heads import FusedClassifier, LinearForm
 from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
@@ -118,6 +118,16 @@ def write_run(directory, demo_root, names: list[str], fusion: dict):
     )
     finish_stage(cfg, "cache", [cache_dir(cfg) / "manifest.json"])
     return cfg, open_cache(cache_dir(cfg))
+
+
+def test_a_slug_names_every_weight_that_digits_keeps_and_the_old_names_stay():
+    assert fusion_slug({"kps": 0.5, "ce": 0.5}) == "kps0.50_ce0.50"  # the name records already have
+    assert fusion_slug({"kps": 1.0, "ce": 0.0}) == "kps1.00_ce0.00"
+    assert fusion_slug({"kps": 0.505, "ce": 0.495}) == "kps0.505_ce0.495"
+    assert fusion_slug({"a": 0.7000000000000001, "b": 0.3}) == "a0.70_b0.30"
+    smallest = 10.0**-DIGITS
+    points = [round(0.5 + i * smallest, DIGITS) for i in range(50)]
+    assert len({fusion_slug({"a": w, "b": round(1 - w, DIGITS)}) for w in points}) == 50
 
 
 def test_a_branch_weighted_zero_is_left_out_of_z_exactly(tmp_path, demo_root):
