@@ -136,7 +136,8 @@ def test_a_sweep_finer_than_two_decimals_has_a_record_and_a_row_per_point(cached
     ce = ["0.50", "0.495", "0.49", "0.485", "0.48"]
     assert records == sorted(f"kps{k}_ce{c}" for k, c in zip(kps, ce, strict=True))
     table = (cached_run / "classifier" / "sweep.md").read_text().splitlines()[2:]
-    assert [row.split("|")[1:3] for row in table] == [[f" {k} ", f" {c} "] for k, c in zip(kps, ce, strict=True)]
+    rows = [[f" {k} ", f" {c} "] for k, c in zip(kps, ce, strict=True)]
+    assert [row.split("|")[1:3] for row in table] == rows
     for point in json.loads((cached_run / "classifier" / "sweep.json").read_text()):
         slug = f"kps{weight_text(point['fusion']['kps'])}_ce{weight_text(point['fusion']['ce'])}"
         own = json.loads((cached_run / "classifier" / "ffn" / slug / "result.json").read_text())
