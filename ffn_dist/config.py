@@ -20,13 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_text
 from ffn_dist.fusion import DIGITS, check_weights, equal_weights, weighed
-from ffn_dist.losses import LOSSES, MARGIN_LOSSES, REWEIGHTABLE_LOSSES
 from ffn_dist.models.backbones import BACKBONES
-from ffn_dist.models.heads import HEADS
+from ffn_dist.registry import HEADS, LOSSES, METHODS, REWEIGHTABLE_LOSSES, SAMPLERS
 
 
 class ConfigError(FFNError):
@@ -100,7 +98,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = opt(
         "resnet32",
-        choices=list(BACKBONES),
+        choices=BACKBONES,
         doc="every branch's backbone, by name (models/backbones.py): resnet32 (CIFAR), torchvision's ResNets",
     )
     pretrained: str | None = opt(
@@ -186,13 +184,6 @@ class Stage1Config:
             )
 
 
-def _method_names() -> list[str]:
-    """The stage-2 methods of the registry (stages/methods.py), read when a config is checked."""
-    from ffn_dist.stages.methods import REGISTRY
-
-    return list(REGISTRY)
-
-
 GRID = "searched on val, the best val top-1 kept (one value: used as is; no val split: the published default)"
 
 
@@ -244,7 +235,7 @@ class LdamDrwConfig:
 class Stage2Config:
     method: str = opt(
         "ffn",
-        choices=_method_names,
+        choices=METHODS,
         doc="the classifier stage 2 trains on the cache (ffn: the paper's LDAM cosine classifier); "
         "the report and the export are this one's (docs/stages.md lists them)",
     )
@@ -326,11 +317,11 @@ class DistConfig:
 class BranchConfig:
     """One stage-1 backbone: how it is trained, and its share of the processes."""
 
-    loss: str = opt("ce", choices=list(LOSSES), doc="its loss (losses.py: LOSSES)")
-    head: str = opt("linear", choices=list(HEADS), doc="its classifier head; kps and ldam need cosine")
+    loss: str = opt("ce", choices=LOSSES, doc="its loss (registry.py: LOSSES)")
+    head: str = opt("linear", choices=HEADS, doc="its classifier head; kps and ldam need cosine")
     sampler: str = opt(
         "instance",
-        choices=list(SAMPLERS),
+        choices=SAMPLERS,
         doc="instance: every image once an epoch; class_balanced: classes equally likely; sqrt: a class "
         "as likely as the square root of its count",
     )
@@ -343,10 +334,11 @@ class BranchConfig:
     )
 
     def validate(self, prefix: str) -> None:
-        if self.loss in MARGIN_LOSSES and self.head != "cosine":
+        heads = LOSSES[self.loss].heads
+        if self.head not in heads:
             raise ConfigError(
-                f"{prefix}head: loss {self.loss} puts its margin on cosine logits, so it needs head cosine, "
-                f"got {self.head}"
+                f"{prefix}head: loss {self.loss} puts its margin on cosine logits, so it needs head "
+                f"{' or '.join(heads)}, got {self.head}"
             )
         if self.drw and self.loss not in REWEIGHTABLE_LOSSES:
             raise ConfigError(
@@ -509,16 +501,10 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _choices(meta: dict) -> list | None:
-    """A field's allowed values; a callable where a registry holds them (stage2.method)."""
-    choices = meta.get("choices")
-    return choices() if callable(choices) else choices
-
-
 def _check_range(value, meta: dict, key: str) -> None:
     if value is None:
         return
-    choices = _choices(meta)
+    choices = meta.get("choices")  # a registry's names are read at each check
     if choices and value not in choices:
         allowed = ", ".join(map(str, choices))
         raise ConfigError(f"{key}: got {value!r}, allowed values: {allowed}")
@@ -675,7 +661,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def _allowed(tp, meta: dict) -> str:
     if meta.get("choices"):
-        return ", ".join(map(str, _choices(meta)))
+        return ", ".join(map(str, meta["choices"]))
     bounds = [
         f"{op} {meta[k]}"
         for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))

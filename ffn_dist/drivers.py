@@ -27,11 +27,11 @@ from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
 from ffn_dist.fusion import DIGITS, along, describe_fusion, one_hot, simplex_grid, weight_text
 from ffn_dist.plots import figure
+from ffn_dist.registry import METHODS
 from ffn_dist.run.paths import classifier_root, methods_dir
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.classifier import fit_classifier, selection_split
-from ffn_dist.stages.methods import METHODS
 from ffn_dist.tables import (
     ACCURACY_COLUMNS,
     accuracy_cells,

@@ -18,15 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffn_dist.errors import FFNError
+from ffn_dist.registry import HEADS, LOSSES
 
 KPS_LOG_BASE = 50.0  # r_c = log(50 n_c / n_min) / log(50)
 KPS_MAX_SCALE = 50.0  # the per-class ("GA") scale is clamped to [s, 50]
 CB_BETA = 0.9999
-
-# The stage-1 losses a branch can train with (branches.NAME.loss).
-LOSSES = ("ce", "kps", "ldam", "balanced_softmax", "focal", "class_balanced_ce", "logit_adjusted")
-MARGIN_LOSSES = ("kps", "ldam")  # margins on cosine logits, each with its own scale s
-REWEIGHTABLE_LOSSES = ("ce", "focal", "ldam")  # class weights that deferred re-weighting sets
 
 
 def deferred_epoch(fraction: float, epochs: int) -> int:
@@ -251,29 +247,30 @@ def _match(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | No
     return None if buffer is None else buffer.to(like.dtype)
 
 
+# Each loss of registry.LOSSES: (training counts, the stage-1 settings) -> the loss.
+LOSS_BUILDERS = {
+    "ce": lambda counts, p: CELoss(len(counts)),
+    "kps": lambda counts, p: KPSLoss(counts, max_m=p.kps_max_m, s=p.kps_s),
+    "ldam": lambda counts, p: LDAMLoss(counts, max_m=p.ldam_max_m, s=p.ldam_s),
+    "balanced_softmax": lambda counts, p: LogitAdjustedLoss(counts, 1.0),
+    "focal": lambda counts, p: FocalLoss(len(counts), p.focal_gamma),
+    "class_balanced_ce": lambda counts, p: CELoss(
+        len(counts), weight=class_balanced_weights(counts, p.class_balanced_beta)
+    ),
+    "logit_adjusted": lambda counts, p: LogitAdjustedLoss(counts, p.logit_adjusted_tau),
+}
+
+
 def build_loss(name: str, class_counts, params, head: str) -> _MixupLoss:
-    """Loss `name` of LOSSES for a branch with `head`, its parameters read from `params`
-    (the stage-1 settings: kps_max_m, kps_s, ldam_max_m, ldam_s, focal_gamma,
+    """Loss `name` of registry.LOSSES for a branch with `head`, its parameters read from
+    `params` (the stage-1 settings: kps_max_m, kps_s, ldam_max_m, ldam_s, focal_gamma,
     class_balanced_beta, logit_adjusted_tau, cosine_s). KPS starts with its single scale;
     the trainer switches its per-class scales and deferred re-weighting at their epochs."""
-    num_classes = len(as_class_counts(class_counts))
-    if name == "ce":
-        loss = CELoss(num_classes)
-    elif name == "kps":
-        loss = KPSLoss(class_counts, max_m=params.kps_max_m, s=params.kps_s)
-    elif name == "ldam":
-        loss = LDAMLoss(class_counts, max_m=params.ldam_max_m, s=params.ldam_s)
-    elif name == "focal":
-        loss = FocalLoss(num_classes, params.focal_gamma)
-    elif name == "class_balanced_ce":
-        loss = CELoss(num_classes, weight=class_balanced_weights(class_counts, params.class_balanced_beta))
-    elif name in ("balanced_softmax", "logit_adjusted"):
-        loss = LogitAdjustedLoss(
-            class_counts, 1.0 if name == "balanced_softmax" else params.logit_adjusted_tau
-        )
-    else:
+    as_class_counts(class_counts)
+    if name not in LOSS_BUILDERS:
         raise FFNError(f"loss {name!r}: expected one of {', '.join(LOSSES)}")
-    if head == "cosine" and name not in MARGIN_LOSSES:
+    loss = LOSS_BUILDERS[name](class_counts, params)
+    if head == "cosine" and not LOSSES[name].scale:
         loss.input_scale = params.cosine_s
     return loss
 
@@ -281,8 +278,7 @@ def build_loss(name: str, class_counts, params, head: str) -> _MixupLoss:
 def probability_scale(name: str, head: str, params) -> float:
     """A branch's probabilities are softmax(scale * head logits): a margin loss's s, the
     cosine scale for cosines under another loss, 1 for a linear head."""
-    if name == "kps":
-        return params.kps_s
-    if name == "ldam":
-        return params.ldam_s
-    return params.cosine_s if head == "cosine" else 1.0
+    own = LOSSES[name].scale
+    if own:
+        return getattr(params, own)
+    return params.cosine_s if HEADS[head].cosine else 1.0

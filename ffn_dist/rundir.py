@@ -28,7 +28,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ffn_dist.distributed import rank0_decides
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
 from ffn_dist.locks import exclusive
@@ -252,6 +251,8 @@ def holding(directory: str | Path, world=None):
     if world is None or world.size == 1:
         take()
     else:
+        from ffn_dist.distributed import rank0_decides  # torch: only a job of several processes
+
         rank0_decides(world, take)  # raises the refusal on every rank
     try:
         yield taken[0] if taken else None

@@ -8,8 +8,6 @@ import torch
 
 from ffn_dist.errors import FFNError
 from ffn_dist.losses import (
-    LOSSES,
-    MARGIN_LOSSES,
     CELoss,
     FocalLoss,
     KPSLoss,
@@ -21,6 +19,7 @@ from ffn_dist.losses import (
     ldam_margins,
     probability_scale,
 )
+from ffn_dist.registry import LOSSES, MARGIN_LOSSES
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 

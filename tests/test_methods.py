@@ -20,13 +20,13 @@ from ffn_dist.errors import FFNError
 from ffn_dist.fusion import simplex_grid
 from ffn_dist.metrics import logits_report
 from ffn_dist.models.heads import LinearForm
+from ffn_dist.registry import METHODS
 from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
 from ffn_dist.stages.classifier import candidates, fit_classifier, load_form, selection_split
 from ffn_dist.stages.epochs import evaluate_cached
 from ffn_dist.stages.evaluate import collect_results
 from ffn_dist.stages.methods import (
-    METHODS,
     Fitting,
     fit_balanced_softmax,
     fit_crt,

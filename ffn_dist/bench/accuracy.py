@@ -24,10 +24,10 @@ from ffn_dist.drivers import GRID_STEP, compare_methods, fused_sweep, summarise_
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json, write_text
 from ffn_dist.fusion import describe_fusion, simplex_grid
+from ffn_dist.registry import METHODS
 from ffn_dist.rundir import holding
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.evaluate import branch_name, classifier_name
-from ffn_dist.stages.methods import METHODS
 from ffn_dist.stages.pipeline import run_pipeline, timed
 from ffn_dist.tables import (
     ACCURACY_COLUMNS,

@@ -17,8 +17,6 @@ import math
 import numpy as np
 
 ORDERS = ("sequential", "shuffle", "balanced", "sqrt")
-# A stage-1 branch's sampler (branches.NAME.sampler) and the epoch order that draws it.
-SAMPLERS = {"instance": "shuffle", "class_balanced": "balanced", "sqrt": "sqrt"}
 
 
 def epoch_order(labels: np.ndarray, order: str, seed: int, epoch: int) -> np.ndarray:

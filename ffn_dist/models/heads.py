@@ -90,8 +90,8 @@ class CosineHead(nn.Module):
         return CosineLogits.apply(features, self.weight)
 
 
-# A branch's head by name (branches.NAME.head).
-HEADS = {"linear": LinearHead, "cosine": CosineHead}
+# Each head of registry.HEADS (branches.NAME.head).
+HEAD_CLASSES = {"linear": LinearHead, "cosine": CosineHead}
 
 
 def fused_embedding(features: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

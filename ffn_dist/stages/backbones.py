@@ -37,7 +37,6 @@ from ffn_dist.config import Config, describe_branch
 from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.loader import build_loader
 from ffn_dist.data.mixup import mixup
-from ffn_dist.data.sampling import SAMPLERS
 from ffn_dist.distributed import (
     Branch,
     World,
@@ -54,8 +53,9 @@ from ffn_dist.layout import split_batches
 from ffn_dist.losses import KPSLoss, build_loss, class_balanced_weights, deferred_epoch, probability_scale
 from ffn_dist.metrics import accuracy_report, gather_predictions, prediction_scores, top_k
 from ffn_dist.models.backbones import build_backbone, load_pretrained
-from ffn_dist.models.heads import HEADS
+from ffn_dist.models.heads import HEAD_CLASSES
 from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.registry import SAMPLERS
 from ffn_dist.run.paths import branch_dir, final_checkpoint, tensorboard_dir
 from ffn_dist.run.stages import StageFailed, begin_stage, finish_stage, recorded, stage_identity
 from ffn_dist.rundir import holding
@@ -86,7 +86,7 @@ def build_network(cfg: Config, branch: str, pretrained: bool = False) -> Network
     backbone = build_backbone(cfg.model.arch)
     if pretrained and cfg.model.pretrained:
         load_pretrained(backbone, cfg.model.pretrained, cfg.model.arch)
-    head_cls = HEADS[cfg.branches[branch].head]
+    head_cls = HEAD_CLASSES[cfg.branches[branch].head]
     return Network(backbone, head_cls(backbone.embedding_dim, cfg.data.num_classes))
 
 
@@ -203,7 +203,7 @@ class BranchTrainer:
             run_dir=cfg.output_dir,
         )
         share = dataclasses.replace(cfg.data, batch_size=split.per_process)
-        order = SAMPLERS[self.spec.sampler]
+        order = SAMPLERS[self.spec.sampler].order
         self.train_loader = build_loader(
             share, dataset.train, train=True, whole_steps=True, order=order, **loader_args
         )

@@ -22,12 +22,13 @@ from ffn_dist.errors import FFNError
 from ffn_dist.files import save_torch, write_json
 from ffn_dist.metrics import fit_temperature
 from ffn_dist.models.heads import LinearForm
+from ffn_dist.registry import METHODS
 from ffn_dist.run.paths import classifier_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, recorded, stage_identity, stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.epochs import cached_logits, evaluate_cached, stage2_seed
-from ffn_dist.stages.methods import REGISTRY, Fitting, grid_of, probability_scale
+from ffn_dist.stages.methods import FITS, Fitting, grid_of, probability_scale
 
 RESULT, FORM = "result.json", "classifier.pt"
 
@@ -57,7 +58,7 @@ def selection_split(cfg: Config, has_val: bool) -> str | None:
 def candidates(cfg: Config, select_on: str | None) -> list[dict]:
     """The hyperparameters to try: every point of the grids where they are chosen on val;
     else one, each grid's single value or the published default."""
-    grid, defaults = grid_of(cfg, cfg.stage2.method), REGISTRY[cfg.stage2.method].defaults
+    grid, defaults = grid_of(cfg, cfg.stage2.method), METHODS[cfg.stage2.method].defaults
     if select_on is None:
         return [{k: values[0] if len(values) == 1 else defaults[k] for k, values in grid.items()}]
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -91,7 +92,7 @@ def fit_classifier(
 
 def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     s2 = cfg.stage2
-    method = REGISTRY[s2.method]
+    fit = FITS[s2.method]
     select_on = selection_split(cfg, "val" in cache.splits)
     tries = candidates(cfg, select_on)
 
@@ -103,7 +104,7 @@ def _fit(cfg: Config, cache: FeatureCache) -> tuple[dict, LinearForm]:
     fitting = Fitting(cfg, cache, point, lambda: initial_head_weight(cfg), verbose=len(tries) == 1)
     scored = []
     for chosen in tries:
-        form = method.fit(fitting, **chosen).to(fitting.device)
+        form = fit(fitting, **chosen).to(fitting.device)
         val = _score(form, cache, "val", fitting) if select_on else None
         scored.append((val["top1"] if val else 0.0, chosen, form))
     _, chosen, form = max(scored, key=lambda item: item[0])  # the first of the best, on a tie

@@ -62,6 +62,7 @@ from ffn_dist.losses import (
     smoothed_cross_entropy,
 )
 from ffn_dist.models.heads import CosineHead, LinearForm, gated_logits
+from ffn_dist.registry import METHODS
 from ffn_dist.stages.epochs import CachedEpochs, CosineStep, OptimizerStep, classifier_device, stage2_seed
 
 
@@ -248,41 +249,27 @@ def fit_ldam_drw(f: Fitting) -> LinearForm:
     return LinearForm.cosine(head.weight)
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A registry entry: `fit(fitting, **hyperparameters)` returns the classifier; its
-    hyperparameters' grids are the config's `stage2.NAME` section (if it has one), and
-    `defaults` the published values used without a val split. `cosine`: its logits are
-    cosines trained at LDAM's scale s (`ffn predict`'s probabilities are softmax(s x logits))."""
-
-    fit: Callable
-    defaults: dict = dataclasses.field(default_factory=dict)
-    cosine: bool = False
-
-
-REGISTRY = {
-    "ffn": Method(fit_ffn, cosine=True),
-    "erm": Method(fit_erm),
-    "crt": Method(fit_crt),
-    "lws": Method(fit_lws),
-    "tau_norm": Method(fit_tau_norm, {"tau": 1.0}),
-    "ncm": Method(fit_ncm),
-    "logit_adjustment": Method(fit_logit_adjustment, {"tau": 1.0}),
-    "balanced_softmax": Method(fit_balanced_softmax),
-    "weight_balancing": Method(
-        fit_weight_balancing, {"weight_decay": 0.1, "max_norm": 0.1}
-    ),  # the authors' demo
-    "mislas": Method(fit_mislas, {"head": 0.3, "tail": 0.0}),
-    "disalign": Method(fit_disalign, {"rho": 1.0}),
-    "ldam_drw": Method(fit_ldam_drw, cosine=True),
+# Each method of registry.METHODS: `fit(fitting, **hyperparameters)` returns its classifier.
+FITS = {
+    "ffn": fit_ffn,
+    "erm": fit_erm,
+    "crt": fit_crt,
+    "lws": fit_lws,
+    "tau_norm": fit_tau_norm,
+    "ncm": fit_ncm,
+    "logit_adjustment": fit_logit_adjustment,
+    "balanced_softmax": fit_balanced_softmax,
+    "weight_balancing": fit_weight_balancing,
+    "mislas": fit_mislas,
+    "disalign": fit_disalign,
+    "ldam_drw": fit_ldam_drw,
 }
-METHODS = tuple(REGISTRY)
 
 
 def probability_scale(cfg: Config) -> float:
     """The configured classifier's probabilities are softmax(scale * logits): cosine logits
     were trained at LDAM's s, the others' logits are their softmax's own."""
-    return cfg.stage2.ldam_s if REGISTRY[cfg.stage2.method].cosine else 1.0
+    return cfg.stage2.ldam_s if METHODS[cfg.stage2.method].cosine else 1.0
 
 
 def grid_of(cfg: Config, method: str) -> dict[str, list]:
