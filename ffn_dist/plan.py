@@ -271,7 +271,7 @@ def predict(cfg: Config, probe: Probe, shape: RunShape, dp_efficiency: float) ->
     kept = min(s1.keep_checkpoints, math.ceil(s1.epochs / s1.checkpoint_every))
     checkpoint_bytes = kept * sum(probe.checkpoint_bytes.values())
     on = f"{target} process(es)" + (f", {gpus} GPU(s)" if gpus else " on the CPU")
-    stages = {
+    modelled = {
         "data": _figures(probe.data_s, 0, None, 0, "measured: the data stage, run here"),
         "stage1": _figures(
             stage1_s,
@@ -307,6 +307,8 @@ def predict(cfg: Config, probe: Probe, shape: RunShape, dp_efficiency: float) ->
             0.0, min(gpus, 1), None, 0, "not measured: tables and plots of the results, seconds"
         ),
     }
+    unmodelled = _figures(0.0, 0, None, 0, "not modelled: no cost model for this stage yet")
+    stages = {stage.name: modelled.get(stage.name, unmodelled) for stage in STAGES}
     measured_on = f"{probe.processes} process(es) on the {'GPU' if probe.device == 'cuda' else 'CPU'}"
     extrapolated = [
         f"stage 1: {probe.steps} steps a branch timed on {measured_on} (median after {WARMUP_STEPS}), "
@@ -404,7 +406,8 @@ def time_limits(saved: dict, margin: float, warning_s: float = 0.0) -> list[str]
         )
     seconds: dict[str, float] = {}
     for stage in STAGES:
-        seconds[stage.minutes] = seconds.get(stage.minutes, 0.0) + saved["stages"][stage.name]["seconds"]
+        planned = saved["stages"].get(stage.name, {}).get("seconds", 0.0)  # a plan older than the stage
+        seconds[stage.minutes] = seconds.get(stage.minutes, 0.0) + planned
     minutes = {
         key: math.ceil((value * margin + JOB_START_S + warning_s) / 60) for key, value in seconds.items()
     }

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CONFIG, REPO, cache_overrides
 from tests.test_run import SHORT
 
 
@@ -137,11 +137,15 @@ def test_no_module_but_the_config_names_a_branch():
     assert not spelled, spelled
 
 
-@pytest.mark.parametrize("command", ["--help", "show-config", "status"])
-def test_a_command_that_reads_imports_no_torch(command, tmp_path):
+@pytest.mark.parametrize("command", ["--help", "show-config", "status", "status of a cached run"])
+def test_a_command_that_reads_imports_no_torch(command, request, tmp_path):
     """`ffn --help`, `ffn show-config` and `ffn status` print a few lines: importing torch
-    (and the training stack) would cost them seconds on a small machine."""
-    config = [str(REPO / "configs" / "demo.yaml"), f"output_dir={tmp_path}"]
+    (and the training stack) would cost them seconds on a small machine. The status of a run
+    with a cache runs the cache's completeness check."""
+    config = [str(CONFIG), f"output_dir={tmp_path}"]
+    if command == "status of a cached run":
+        tiny, run = request.getfixturevalue("tiny_root"), request.getfixturevalue("cached_run")
+        command, config = "status", [str(CONFIG), *cache_overrides(tiny, run)]
     args = [command] if command == "--help" else [command, *config]
     code = (
         "import sys\nfrom ffn_dist.cli import main\n"
@@ -156,3 +160,4 @@ def test_a_command_that_reads_imports_no_torch(command, tmp_path):
         timeout=60,
     )
     assert "torch imported: False" in result.stderr, result.stderr[-2000:]
+    assert "cache       complete" in result.stdout or "cached" not in request.node.name

@@ -74,6 +74,25 @@ def test_time_limits_are_each_jobs_prediction_times_the_margin():
         time_limits(saved, 0.8)
 
 
+def test_a_new_stage_is_planned_and_limited_from_the_stage_list_alone(demo_root, tmp_path, monkeypatch):
+    """plan.py loops over run/stages.STAGES: a stage added there (here one of no cost model yet,
+    in the classifier's job) gets a row, and a plan saved before it still gives limits."""
+    import dataclasses
+
+    import ffn_dist.plan
+
+    extra = dataclasses.replace(STAGES[-1], name="calibrate")
+    monkeypatch.setattr(ffn_dist.plan, "STAGES", (*STAGES, extra))
+    cfg = load_config(CONFIG, [f"data.root={demo_root}", f"output_dir={tmp_path}"])
+    measured = {"ce": 1, "kps": 1}
+    shape = RunShape({"train": 585, "test": 300}, 64, measured, measured)
+    planned = predict(cfg, probe(), shape, 0.9)["stages"]
+    assert list(planned) == [s.name for s in STAGES] + ["calibrate"]
+    assert planned["calibrate"]["seconds"] == 0.0 and "not modelled" in planned["calibrate"]["basis"]
+    older = {"stages": {s.name: {"seconds": 60.0} for s in STAGES}}
+    assert time_limits(older, 1.0)[-1] == "launch.classifier_minutes=3"  # 2 stages of 60 s, and the start
+
+
 def test_stage_seconds_add_a_stopped_stages_parts_and_count_a_running_one(demo_root, tmp_path):
     cfg = load_config(CONFIG, [f"data.root={demo_root}", f"output_dir={tmp_path}"])
     lines = [

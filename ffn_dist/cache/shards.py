@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import save
 
 from ffn_dist.errors import FFNError
 from ffn_dist.files import current_sha, file_stamp, sha256_file, write_bytes, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
@@ -33,6 +35,8 @@ def sidecar_path(path: Path) -> Path:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
     """Write atomically, then the sidecar; returns what the sidecar records."""
+    from safetensors.torch import save  # torch: a shard's checks and readers need none
+
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     write_bytes(path, data, sync=True)
     info = {"file": path.name, "rows": int(tensors["labels"].shape[0]), "sha256": sha256_file(path)}

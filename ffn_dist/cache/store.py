@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ffn_dist.cache.shards import CacheError, MappedShard, set_aside, shard_problem
 from ffn_dist.files import write_json
 from ffn_dist.fusion import describe_fusion, weighed
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -62,6 +65,8 @@ class CachedSplit:
 
     def gather(self, rows: np.ndarray, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """The stored (fp16 by default) embeddings of `rows`, in that order."""
+        import torch  # imported by a reader of rows, not by a check of the shards (`ffn status`)
+
         rows = np.asarray(rows, dtype=np.int64)
         owner = np.searchsorted(self.starts, rows, side="right") - 1
         picks = [(shard, np.flatnonzero(owner == shard)) for shard in np.unique(owner)]

@@ -146,7 +146,7 @@ STAGES = (
         _cache_settings,
         ("train", "val", "test"),
         after=("stage1",),
-        check="ffn_dist.stages.cache:check_run_cache",
+        check="ffn_dist.stages.outputs:check_run_cache",
         # In a run, a cache of older backbones or settings is replaced: they changed on purpose.
         options=(("rebuild", True),),
         minutes="cache_minutes",

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ffn_dist.cache.shards import CacheError, shard_problem, sidecar_path, write_shard
-from ffn_dist.cache.store import FeatureCache, check_shards, open_cache, read_manifest, write_manifest
+from ffn_dist.cache.store import FeatureCache, open_cache, read_manifest, write_manifest
 from ffn_dist.checkpoint import load_checkpoint
 from ffn_dist.config import Config, config_to_dict
 from ffn_dist.data.dataset import open_dataset
@@ -70,15 +70,6 @@ def open_run_cache(cfg: Config, verify: bool = True) -> FeatureCache:
             "run `ffn cache-features` (or `ffn run`)"
         )
     return open_cache(cache_dir(cfg), verify)
-
-
-def check_run_cache(cfg: Config, verify: bool = False) -> None:
-    """The cache stage's completeness check: the manifest and every shard it lists, by
-    metadata (hashed with `verify`: `ffn status --verify`)."""
-    manifest = read_manifest(cache_dir(cfg))
-    if manifest is None:
-        raise CacheError(f"{cache_dir(cfg)}: no manifest.json; the cache is not complete")
-    check_shards(cache_dir(cfg), manifest, verify)
 
 
 @dataclass(frozen=True)
