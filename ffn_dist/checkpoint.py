@@ -51,6 +51,12 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_state(model: dict, config_hash: str, **resume) -> dict:
+    """The one checkpoint format: the module's state dict and the identity of the config that
+    wrote it, plus what a trainer resumes from (`optimizer`, `epoch`, `step`, `branch`, `rng`)."""
+    return {"model": model, "config_hash": config_hash, **resume}
+
+
 def save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     path = save_torch(checkpoint_path(directory, epoch), state)

@@ -34,6 +34,7 @@ from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.classifier import fit_classifier, selection_split
 from ffn_dist.tables import (
     ACCURACY_COLUMNS,
+    SHOT_COLUMNS,
     accuracy_cells,
     column_names,
     markdown_table,
@@ -45,7 +46,6 @@ from ffn_dist.tables import (
 
 FUSED = "fused"  # the feature source of the fusion, beside one per branch
 GRID_STEP = 0.1  # the simplex grid --methods chooses the fusion on
-SWEEP_COLUMNS = ("top1", "top5", "many", "medium", "few")
 
 
 def point(cfg: Config, method: str | None = None, fusion: dict | None = None, seed: int | None = None):
@@ -132,10 +132,10 @@ def sweep_table(results: list[dict]) -> str:
     rows = [
         [weight_text(w) for w in r["fusion"].values()]
         + [number((r.get("val") or {}).get("top1")) + (" (chosen)" if r is chosen else "")]
-        + accuracy_cells(r["test"], SWEEP_COLUMNS)
+        + accuracy_cells(r["test"], SHOT_COLUMNS)
         for r in results
     ]
-    return markdown_table([*names, "val top-1", *column_names(SWEEP_COLUMNS)], rows)
+    return markdown_table([*names, "val top-1", *column_names(SHOT_COLUMNS)], rows)
 
 
 def plot_sweep(results: list[dict], varied: str, path: Path, title: str) -> None:

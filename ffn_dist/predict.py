@@ -20,6 +20,7 @@ from ffn_dist.errors import FFNError
 from ffn_dist.fusion import describe_fusion
 from ffn_dist.priors import logit_adjustment, read_prior
 from ffn_dist.progress import progress
+from ffn_dist.run.paths import export_description
 
 # The rule `ffn predict --split` keeps to the report: the report scores the run's classifier
 # on the cache's fp32 test embeddings (torch's kernels, the cache's batches), the export the
@@ -66,7 +67,7 @@ class ExportedModel:
 
     def __init__(self, directory: str | Path, runtime: str = "onnx", prior: str | None = None):
         self.directory = Path(directory)
-        described = self.directory / "model.json"
+        described = export_description(self.directory)
         if not described.is_file():
             raise PredictError(
                 f"{self.directory}: not an export (no model.json); run `ffn export CONFIG` first"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import statistics
 
-ACCURACY_COLUMNS = ("top1", "top5", "many", "medium", "few", "head", "tail")
+# The one list of a report's metric columns. The epoch logs, the sweep table and model.json
+# carry the first five; the report's tables add the head and tail halves.
+SHOT_COLUMNS = ("top1", "top5", "many", "medium", "few")
+ACCURACY_COLUMNS = (*SHOT_COLUMNS, "head", "tail")
 COLUMN_NAMES = {"top1": "top-1", "top5": "top-5", "head": "head half", "tail": "tail half"}
 
 

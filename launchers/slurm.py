@@ -35,7 +35,7 @@ from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
 from ffn_dist.layout import branch_shares, describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config
-from ffn_dist.run.paths import report_dir, run_dir, slurm_dir
+from ffn_dist.run.paths import run_dir, run_report_tables, slurm_dir
 from ffn_dist.run.stages import STAGES, Stage, run_stage, start_run
 from ffn_dist.rundir import TOKEN_ENV, command_line, end_hold, take_hold
 
@@ -306,7 +306,7 @@ def _submit_chain(cfg: Config, kind: str, wait: bool, hold) -> list[dict]:
                 raise FFNError(_failure_message(records[-1]))
             _save_record(cfg, kind, records)
         previous = job
-    report = report_dir(cfg).resolve() / "report.md"
+    report = run_report_tables(cfg).resolve()
     print(f"results: {report.parent} (report.md, report.json, plots)", flush=True)
     if kind == "slurm":
         # the hold lives while any job of the chain is queued or running, wherever it runs

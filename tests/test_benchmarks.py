@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ffn_dist.config import load_config
+from ffn_dist.config import load_config, shipped_configs
 from tests.conftest import run_ffn, write_jpeg
 
 CLASSES, TRAIN, EVAL = 4, [6, 4, 3, 2], 2
@@ -46,17 +46,29 @@ MINIATURE = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "arch"),
-    [("imagenet_lt_x50", "resnext50_32x4d"), ("inat2018_r50", "resnet50"), ("places_lt_r152", "resnet152")],
-)
-def test_a_benchmark_config_validates_and_runs_in_miniature(tmp_path, name, arch):
+SHIPPED = sorted(path.stem for path in shipped_configs().glob("*.yaml"))
+
+
+def test_every_benchmark_of_the_readme_is_a_shipped_config():
+    assert {"cifar10_lt_r32", "cifar100_lt_r32", "imagenet_lt_r50", "inat2018_r50", "places_lt_r152"} <= set(
+        SHIPPED
+    )
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_benchmark_config_validates_and_runs_in_miniature(tmp_path, name):
     shown = run_ffn("show-config", name)
     assert shown.returncode == 0, shown.stderr
     cfg = load_config(name)
-    assert cfg.model.arch == arch and cfg.name == name
+    arch = cfg.model.arch
+    assert cfg.name == name
     data = miniature_data(tmp_path / "data")
-    splits = [f"data.root={data}", "data.train_split=train.txt", "data.test_split=test.txt"]
+    splits = [
+        f"data.root={data}",
+        "data.builtin=null",
+        "data.train_split=train.txt",
+        "data.test_split=test.txt",
+    ]
     splits += ["data.val_split=val.txt"] if cfg.data.val_split else []
     extra = []
     if cfg.model.pretrained:  # a local file of torchvision's format for the config's arch

@@ -10,14 +10,14 @@ from torch import nn
 
 from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import open_cache, write_manifest
-from ffn_dist.checkpoint import save_checkpoint
+from ffn_dist.checkpoint import checkpoint_state, save_checkpoint
 from ffn_dist.config import head_branch, load_config
 from ffn_dist.errors import FFNError
 from ffn_dist.fusion import DIGITS, along, check_weights, fusion_slug, simplex_grid, weighed
 from ffn_dist.models.heads import FusedClassifier, LinearForm
-from ffn_dist.run.paths import branch_dir, cache_dir, classifier_dir, final_checkpoint
+from ffn_dist.run.paths import branch_dir, cache_dir, classifier_form, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
-from ffn_dist.stages.classifier import FORM, fit_classifier
+from ffn_dist.stages.classifier import fit_classifier
 
 COUNTS = [60, 40, 25, 15, 9, 6, 4, 3]
 DIMS = 16
@@ -96,7 +96,7 @@ def write_run(directory, demo_root, names: list[str], fusion: dict):
     begin_stage(cfg, "stage1")
     for name in names:
         head = unit(len(COUNTS), 200 + list(THREE).index(name))
-        state = {"model": {"head.weight": head}, "config_hash": stage_identity(cfg, "stage1")}
+        state = checkpoint_state({"head.weight": head}, stage_identity(cfg, "stage1"))
         save_checkpoint(branch_dir(cfg, name), cfg.stage1.epochs, state, keep=1)
     finish_stage(cfg, "stage1", [final_checkpoint(cfg, name) for name in names])
     begin_stage(cfg, "cache")
@@ -148,7 +148,7 @@ def test_a_fusion_that_weighs_a_branch_zero_trains_the_classifier_of_the_others_
     assert head_branch(three) == head_branch(pair) == "bs"
     fitted3, fitted2 = fit_classifier(three, cache3), fit_classifier(pair, cache2)
     assert fitted3["test"] == fitted2["test"] and fitted3["temperature"] == fitted2["temperature"]
-    weights = [torch.load(classifier_dir(cfg) / FORM)["weight"] for cfg in (three, pair)]
+    weights = [torch.load(classifier_form(cfg))["weight"] for cfg in (three, pair)]
     assert torch.equal(*weights)
 
 

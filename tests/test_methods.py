@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ffn_dist.cache.shards import write_shard
 from ffn_dist.cache.store import open_cache, write_manifest
-from ffn_dist.checkpoint import save_checkpoint
+from ffn_dist.checkpoint import checkpoint_state, save_checkpoint
 from ffn_dist.config import load_config, with_settings
 from ffn_dist.data.sampling import epoch_order
 from ffn_dist.drivers import compare_methods, parse_methods, run_methods, sources
@@ -93,7 +93,7 @@ def synthetic_run(directory, demo_root, *extra, **cache):
     cfg = config(directory, f"data.root={demo_root}", *extra)
     begin_stage(cfg, "stage1")
     for branch in ("ce", "kps"):
-        state = {"model": {"head.weight": KPS_HEAD}, "config_hash": stage_identity(cfg, "stage1")}
+        state = checkpoint_state({"head.weight": KPS_HEAD}, stage_identity(cfg, "stage1"))
         save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
     finish_stage(cfg, "stage1", [final_checkpoint(cfg, b) for b in ("ce", "kps")])
     begin_stage(cfg, "cache")

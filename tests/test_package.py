@@ -161,3 +161,30 @@ def test_a_command_that_reads_imports_no_torch(command, request, tmp_path):
     )
     assert "torch imported: False" in result.stderr, result.stderr[-2000:]
     assert "cache       complete" in result.stdout or "cached" not in request.node.name
+
+
+def test_a_run_s_file_names_are_spelled_only_where_its_paths_are_built():
+    """run/paths.py builds every path of a run (the cache's names: cache/); a module that
+    spelled "report.json" itself would miss a rename there."""
+    import ast
+
+    names = {
+        "report.json",
+        "report.md",
+        "model.json",
+        "manifest.json",
+        "result.json",
+        "classifier.pt",
+        "history.jsonl",
+        "data_report.json",
+        "plan.json",
+    }
+    homes = {"ffn_dist/run/paths.py", "ffn_dist/cache/store.py"}
+    spelled = []
+    for path in [*(REPO / "ffn_dist").rglob("*.py"), *(REPO / "launchers").glob("*.py")]:
+        if path.relative_to(REPO).as_posix() in homes:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+    assert not spelled, spelled

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ffn_dist.bench.timing import interleaved_runs, median_ratio, medians, synchronize
-from ffn_dist.checkpoint import save_checkpoint
+from ffn_dist.cache.store import MANIFEST
+from ffn_dist.checkpoint import checkpoint_state, save_checkpoint
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset, write_builtin
 from ffn_dist.data.loader import build_loader, default_device
@@ -38,10 +39,7 @@ def fake_stage1(cfg: Config) -> None:
     write_builtin(cfg.data)  # the record hashes the split files
     begin_stage(cfg, "stage1")
     for branch in cfg.branches:
-        state = {
-            "model": build_network(cfg, branch).state_dict(),
-            "config_hash": stage_identity(cfg, "stage1"),
-        }
+        state = checkpoint_state(build_network(cfg, branch).state_dict(), stage_identity(cfg, "stage1"))
         save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
     finish_stage(cfg, "stage1", [final_checkpoint(cfg, branch) for branch in cfg.branches])
 
@@ -93,7 +91,7 @@ def bench_cache(cfg: Config, rounds: int, work_dir: str | None = None) -> dict:
             {"plain forward, both backbones": plain, "ffn cache-features": cached}, rounds, 1
         )
         rates = medians(runs)
-        manifest = json.loads((cache_dir(cached.last) / "manifest.json").read_text())
+        manifest = json.loads((cache_dir(cached.last) / MANIFEST).read_text())
         on_disk = sum(p["bytes"] for s in manifest["splits"].values() for p in s["parts"])
     rows = sum(s["rows"] for s in manifest["splits"].values())
     stored = len(cfg.branches) if cfg.cache.store == "normalized" else 1

@@ -21,6 +21,7 @@ from ffn_dist.fusion import equal_weights
 from ffn_dist.models.backbones import build_backbone
 from ffn_dist.models.heads import FusedClassifier, LinearForm
 from ffn_dist.predict import ExportedModel
+from ffn_dist.run.paths import export_description
 from ffn_dist.stages.export import save_model
 from ffn_dist.tables import markdown_table
 
@@ -50,7 +51,7 @@ def bench_export(archs: list[str], batch_size: int, rounds: int, work_dir: str |
             save_model(model, out, size)
             export_s = time.perf_counter() - start
             files = {"onnx": "model.onnx", "torch": "model.pt2"}
-            write_json(out / "model.json", {"files": files, "classes": list(map(str, range(classes)))})
+            write_json(export_description(out), {"files": files, "classes": list(map(str, range(classes)))})
             batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
 
             def eager(images, model=model):

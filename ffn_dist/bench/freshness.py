@@ -19,11 +19,12 @@ import torch
 
 from ffn_dist.bench.stage2 import write_synthetic_cache
 from ffn_dist.bench.timing import interleaved_runs, medians
-from ffn_dist.checkpoint import save_checkpoint
+from ffn_dist.cache.store import MANIFEST
+from ffn_dist.checkpoint import checkpoint_state, save_checkpoint
 from ffn_dist.config import load_config, save_config
 from ffn_dist.data.dataset import write_builtin
 from ffn_dist.files import write_json
-from ffn_dist.run.paths import branch_dir, cache_dir, final_checkpoint
+from ffn_dist.run.paths import branch_dir, branch_report, cache_dir, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, stage_identity
 from ffn_dist.stages.classifier import fit_classifier
 from ffn_dist.stages.evaluate import evaluate_run
@@ -48,20 +49,17 @@ def build_run(work: Path, cache_gb: float, dims: int) -> Path:
     begin_stage(cfg, "stage1")
     reports = []
     for branch in cfg.branches:
-        state = {
-            "model": {"head.weight": torch.randn(classes, dims)},
-            "config_hash": stage_identity(cfg, "stage1"),
-        }
+        state = checkpoint_state({"head.weight": torch.randn(classes, dims)}, stage_identity(cfg, "stage1"))
         save_checkpoint(branch_dir(cfg, branch), cfg.stage1.epochs, state, keep=1)
         test = {"top1": 0.0, "top5": 0.0, "per_class": [0.0] * classes}
         report = {"branch": branch, "train_counts": [1] * classes, "test": test}
-        reports.append(write_json(branch_dir(cfg, branch) / "report.json", report))
+        reports.append(write_json(branch_report(cfg, branch), report))
     finish_stage(cfg, "stage1", [*(final_checkpoint(cfg, b) for b in cfg.branches), *reports])
     rows = int(cache_gb * 1e9 / (len(cfg.branches) * dims * 2)) // SHARD_ROWS * SHARD_ROWS
     print(f"writing a synthetic cache: {rows:,} rows x {len(cfg.branches)} x {dims} fp16 ...", flush=True)
     begin_stage(cfg, "cache")
     write_synthetic_cache(cache_dir(cfg), cfg.branches, rows, dims, classes, shard_rows=SHARD_ROWS)
-    finish_stage(cfg, "cache", [cache_dir(cfg) / "manifest.json"])
+    finish_stage(cfg, "cache", [cache_dir(cfg) / MANIFEST])
     fit_classifier(cfg)
     evaluate_run(cfg)
     return config

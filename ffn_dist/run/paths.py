@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.jsonl"
+REPORT_FILE = "report.json"  # a branch's (stage 1) and the run's (evaluate)
+RESULT_FILE, FORM_FILE = "result.json", "classifier.pt"  # a classifier's
+MODEL_FILE = "model.json"  # an export's description, which `ffn predict` reads
 
 
 def run_dir(cfg: Config) -> Path:
@@ -57,6 +60,10 @@ def branch_dir(cfg: Config, branch: str) -> Path:
     return stage1_dir(cfg) / branch
 
 
+def branch_report(cfg: Config, branch: str) -> Path:
+    return branch_dir(cfg, branch) / REPORT_FILE
+
+
 def final_checkpoint(cfg: Config, branch: str) -> Path:
     return checkpoint_path(branch_dir(cfg, branch), cfg.stage1.epochs)
 
@@ -78,6 +85,14 @@ def classifier_dir(cfg: Config) -> Path:
     return classifier_root(cfg) / classifier_variant(cfg)
 
 
+def classifier_result(cfg: Config) -> Path:
+    return classifier_dir(cfg) / RESULT_FILE
+
+
+def classifier_form(cfg: Config) -> Path:
+    return classifier_dir(cfg) / FORM_FILE
+
+
 def classifier_root(cfg: Config) -> Path:
     """Where the classifiers and the drivers' tables (sweep, methods, seeds) go."""
     return run_dir(cfg) / "classifier"
@@ -93,8 +108,27 @@ def report_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "report"
 
 
+def run_report(cfg: Config) -> Path:
+    return report_dir(cfg) / REPORT_FILE
+
+
+def run_report_tables(cfg: Config) -> Path:
+    """The report's tables in Markdown, beside run_report."""
+    return report_dir(cfg) / "report.md"
+
+
+def data_report(cfg: Config) -> Path:
+    """The data stage's statistics of every split."""
+    return run_dir(cfg) / "data_report.json"
+
+
 def export_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "export"
+
+
+def export_description(directory: Path) -> Path:
+    """An export's model.json (in the run's export/, or wherever a user copied it)."""
+    return Path(directory) / MODEL_FILE
 
 
 def tensorboard_dir(cfg: Config, part: str) -> Path:

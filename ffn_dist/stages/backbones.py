@@ -26,6 +26,7 @@ from ffn_dist.checkpoint import (
     CheckpointError,
     ConfigMismatch,
     checkpoint_path,
+    checkpoint_state,
     clear_interrupted,
     interrupted_path,
     list_checkpoints,
@@ -56,10 +57,11 @@ from ffn_dist.models.backbones import build_backbone, load_pretrained
 from ffn_dist.models.heads import HEAD_CLASSES
 from ffn_dist.models.precision import autocast, place_images, place_model
 from ffn_dist.registry import SAMPLERS
-from ffn_dist.run.paths import branch_dir, final_checkpoint, tensorboard_dir
+from ffn_dist.run.paths import branch_dir, branch_report, final_checkpoint, tensorboard_dir
 from ffn_dist.run.stages import StageFailed, begin_stage, finish_stage, recorded, stage_identity
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import StopRequested, request_stop, stop_on, stop_requested
+from ffn_dist.tables import SHOT_COLUMNS
 
 
 class Network(nn.Module):
@@ -260,11 +262,13 @@ class BranchTrainer:
         weights = [p.detach() for p in self.engine.module.parameters()]
         if not bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()):
             self._diverged("the weights are not finite", epoch if step == 0 else epoch + 1, step)
-        state = self.engine.state()
-        state.update(
+        trained = self.engine.state()
+        state = checkpoint_state(
+            trained["model"],
+            self.hash,
+            optimizer=trained["optimizer"],
             epoch=epoch,
             step=step,
-            config_hash=self.hash,
             branch=self.branch.name,
             rng={"torch": torch.get_rng_state()},
         )
@@ -406,7 +410,7 @@ class BranchTrainer:
                     self.writer.add_scalar(f"{self.branch.name}/{key}", value, step)
 
     def _log_eval(self, epoch: int, report: dict) -> None:
-        groups = {k: report[k] for k in ("top1", "top5", "many", "medium", "few")}
+        groups = {k: report[k] for k in SHOT_COLUMNS}
         self._scalars({f"test/{k}": v for k, v in groups.items()}, epoch)
         if self.branch.is_first:
             shown = " ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in groups.items())
@@ -423,7 +427,7 @@ class BranchTrainer:
             "train_counts": self.counts.tolist(),
             "test": report,
         }
-        write_json(self.dir / "report.json", body)
+        write_json(branch_report(self.cfg, self.branch.name), body)
 
 
 def _begin(cfg: Config) -> Config:
@@ -433,9 +437,7 @@ def _begin(cfg: Config) -> Config:
 
 def _finish(cfg: Config) -> None:
     """Stage 1 is complete once every branch has its final checkpoint and report."""
-    outputs = [
-        p for b in cfg.branches for p in (final_checkpoint(cfg, b), branch_dir(cfg, b) / "report.json")
-    ]
+    outputs = [p for b in cfg.branches for p in (final_checkpoint(cfg, b), branch_report(cfg, b))]
     if all(p.is_file() for p in outputs):
         finish_stage(cfg, "stage1", outputs)
 

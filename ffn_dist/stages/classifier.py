@@ -23,14 +23,12 @@ from ffn_dist.files import save_torch, write_json
 from ffn_dist.metrics import fit_temperature
 from ffn_dist.models.heads import LinearForm
 from ffn_dist.registry import METHODS
-from ffn_dist.run.paths import classifier_dir, final_checkpoint
+from ffn_dist.run.paths import classifier_form, classifier_result, final_checkpoint
 from ffn_dist.run.stages import begin_stage, finish_stage, recorded, stage_identity, stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import open_run_cache
 from ffn_dist.stages.epochs import cached_logits, evaluate_cached, stage2_seed
 from ffn_dist.stages.methods import FITS, Fitting, grid_of, probability_scale
-
-RESULT, FORM = "result.json", "classifier.pt"
 
 
 def initial_head_weight(cfg: Config) -> torch.Tensor:
@@ -83,10 +81,9 @@ def fit_classifier(
     with recorded(cfg, "classifier"):
         begin_stage(cfg, "classifier", freeze=freeze)
         result, form = _fit(cfg, cache)
-        out = classifier_dir(cfg)
-        save_torch(out / FORM, form.state())
-        write_json(out / RESULT, result)
-        finish_stage(cfg, "classifier", [out / FORM, out / RESULT])
+        save_torch(classifier_form(cfg), form.state())
+        write_json(classifier_result(cfg), result)
+        finish_stage(cfg, "classifier", [classifier_form(cfg), classifier_result(cfg)])
     return result
 
 
@@ -153,12 +150,12 @@ def read_result(cfg: Config) -> dict:
     """The accuracies of the classifier `cfg` configures (its stage must be complete)."""
     import json
 
-    return json.loads((classifier_dir(cfg) / RESULT).read_text())
+    return json.loads(classifier_result(cfg).read_text())
 
 
 def load_form(cfg: Config) -> LinearForm:
     """The classifier `cfg` configures, as one layer over z."""
-    return LinearForm.from_state(torch.load(classifier_dir(cfg) / FORM, weights_only=True))
+    return LinearForm.from_state(torch.load(classifier_form(cfg), weights_only=True))
 
 
 @holds_run_dir

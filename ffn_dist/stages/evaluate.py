@@ -28,7 +28,15 @@ from ffn_dist.metrics import logits_report
 from ffn_dist.plots import figure
 from ffn_dist.priors import IMBALANCES, logit_adjustment, prior_accuracy, read_prior, shifted_accuracies
 from ffn_dist.run.history import config_id
-from ffn_dist.run.paths import branch_dir, classifier_root, methods_dir, report_dir, tensorboard_dir
+from ffn_dist.run.paths import (
+    branch_report,
+    classifier_root,
+    methods_dir,
+    report_dir,
+    run_report,
+    run_report_tables,
+    tensorboard_dir,
+)
 from ffn_dist.run.stages import begin_stage, finish_stage, recorded, stage_outputs
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.classifier import read_result
@@ -55,7 +63,7 @@ def classifier_name(cfg: Config) -> str:
 
 
 def collect_results(cfg: Config) -> dict:
-    stage1 = {b: _read(branch_dir(cfg, b) / "report.json", "stage 1") for b in cfg.branches}
+    stage1 = {b: _read(branch_report(cfg, b), "stage 1") for b in cfg.branches}
     stage_outputs(cfg, "classifier")  # refused, saying what to run, unless it is complete
     methods = {branch_name(b): stage1[b]["test"] for b in cfg.branches}
     classifier = read_result(cfg)
@@ -218,7 +226,7 @@ def evaluate_run(
     with recorded(cfg, "evaluate"):
         begin_stage(cfg, "evaluate")
         results = _evaluate(cfg, tsne, prior, test_lists)
-        finish_stage(cfg, "evaluate", [report_dir(cfg) / "report.json"])
+        finish_stage(cfg, "evaluate", [run_report(cfg)])
     return results
 
 
@@ -253,9 +261,9 @@ def _evaluate(cfg: Config, tsne: bool, prior: str | None, test_lists: dict[str, 
             f"\n\n{classifier_name(cfg)} (its export) on the --test-split files:\n"
             f"{accuracy_table(test_lists)}"
         )
-    write_json(out / "report.json", results)
+    write_json(run_report(cfg), results)
     write_text(
-        out / "report.md",
+        run_report_tables(cfg),
         f"# {cfg.name}\n\n{tables}\n\nConfig: configs/{results['config']}.yaml in the run directory.\n",
     )
     plot_per_class(results, out / "per_class.png")

@@ -29,12 +29,13 @@ from ffn_dist.files import write_json, writing
 from ffn_dist.fusion import describe_fusion, weighed
 from ffn_dist.models.heads import FusedClassifier
 from ffn_dist.run.history import config_id
-from ffn_dist.run.paths import export_dir
+from ffn_dist.run.paths import export_description, export_dir
 from ffn_dist.run.stages import stage_named, stage_state
 from ffn_dist.rundir import holds_run_dir
 from ffn_dist.stages.cache import load_frozen
 from ffn_dist.stages.classifier import load_form, read_result
 from ffn_dist.stages.methods import probability_scale
+from ffn_dist.tables import SHOT_COLUMNS
 
 FORMAT = 2  # 2: `fusion`, a weight per branch, for 1's w1 and w2
 
@@ -80,12 +81,12 @@ def save_model(model: torch.nn.Module, out: Path, image_size: int) -> None:
 
 def reported_test(result: dict) -> dict:
     """The test figures model.json repeats from the classifier's result (which one it is)."""
-    return {k: result["test"].get(k) for k in ("top1", "top5", "many", "medium", "few", "samples")}
+    return {k: result["test"].get(k) for k in (*SHOT_COLUMNS, "samples")}
 
 
 def export_is_current(cfg: Config) -> bool:
     """Whether `output_dir/export/` holds this config's classifier as its record now stands."""
-    described = export_dir(cfg) / "model.json"
+    described = export_description(export_dir(cfg))
     if not described.is_file() or stage_state(cfg, "classifier")[0] != "complete":
         return False
     meta, result = json.loads(described.read_text()), read_result(cfg)
@@ -142,7 +143,7 @@ def export_run(cfg: Config) -> Path:
         "reported_test": reported_test(result),
         "files": {"onnx": "model.onnx", "torch": "model.pt2"},
     }
-    write_json(out / "model.json", description)
+    write_json(export_description(out), description)
     sizes = ", ".join(
         f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in (out / "model.onnx", out / "model.pt2")
     )

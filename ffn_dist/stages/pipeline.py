@@ -18,7 +18,7 @@ from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.layout import branch_shares, describe_groups, plan_groups, planned_placements, split_batches
 from ffn_dist.run.history import load_run_config, note_end
-from ffn_dist.run.paths import report_dir, run_dir
+from ffn_dist.run.paths import run_dir, run_report
 from ffn_dist.run.stages import STAGES, Stage, run_stage, stage_state, start_run
 from ffn_dist.rundir import holding
 from ffn_dist.stopping import run_group
@@ -66,7 +66,7 @@ def run_pipeline(cfg: Config) -> dict:
         frozen = load_run_config(start_run(cfg).parent)  # from here on, the run's own file
         print(f"stage 1 layout: {layout}", flush=True)
         seconds = _run_stages(frozen)
-    results = json.loads((report_dir(cfg) / "report.json").read_text())
+    results = json.loads(run_report(cfg).read_text())
     return {**results, "seconds": seconds}
 
 

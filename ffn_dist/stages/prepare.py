@@ -8,7 +8,7 @@ from ffn_dist.data.dataset import Dataset, open_dataset
 from ffn_dist.data.splits import split_stats
 from ffn_dist.data.transforms import TransformSpec
 from ffn_dist.files import write_json
-from ffn_dist.run.paths import run_dir
+from ffn_dist.run.paths import data_report
 from ffn_dist.run.stages import begin_stage, finish_stage, recorded
 
 
@@ -59,6 +59,6 @@ def prepare(cfg: Config) -> Dataset:
         begin_stage(cfg, "data")
         stats = {name: split_stats(split) for name, split in dataset.splits().items()}
         print(format_stats_table(stats), flush=True)
-        report = write_json(run_dir(cfg) / "data_report.json", {"splits": stats})
+        report = write_json(data_report(cfg), {"splits": stats})
         finish_stage(cfg, "data", [report])
     return dataset
