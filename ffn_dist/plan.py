@@ -1,52 +1,34 @@
 """`ffn plan CONFIG`: what a run will cost, from a few real steps, before anything is queued.
 
-Where it runs (a login node's CPU, one GPU of an allocation, a whole node), it measures:
-
-- stage 1: `ffn train-backbones --max-steps K` under torchrun, in a scratch directory, on the
-  config's process count or `--nproc P`: the median seconds of an optimizer step of each
-  branch (after the first ones), the start-up before the first step, the checkpoint each
-  branch writes when it stops, and each process's peak memory (TensorBoard's scalars);
-- the data stage, run as it is;
-- an epoch of the configured stage-2 classifier on a synthetic cache of the run's shape
-  (its training rows up to `CLASSIFIER_ROWS`).
-
-The rest is extrapolated, and the output says how: stage 1's steps and evaluations per
-epoch, forward passes (evaluations, the cache) at `FORWARD_SHARE` of a training step's time
-per image, another process count at `--dp-efficiency` of the measured per-process speed,
-the classifier's epochs linear in its rows. docs/running.md writes the model down.
+`probe.py` measures (stage 1's steps, the data stage, a classifier epoch); this module is the
+cost model that extrapolates those figures to the run, and says how: stage 1's steps and
+evaluations per epoch, forward passes (evaluations, the cache) at `FORWARD_SHARE` of a
+training step's time per image, another process count at `--dp-efficiency` of the measured
+per-process speed, the classifier's epochs linear in its rows. docs/running.md writes the
+model down.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import statistics
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from ffn_dist.checkpoint import interrupted_path
-from ffn_dist.config import Config, with_settings
+from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
-from ffn_dist.distributed import peak_memory_gb, visible_gpus
+from ffn_dist.distributed import visible_gpus
 from ffn_dist.errors import FFNError
 from ffn_dist.files import write_json
 from ffn_dist.launchers.slurm import tasks_per_node
 from ffn_dist.layout import split_batches
+from ffn_dist.probe import CLASSIFIER_ROWS, WARMUP_STEPS, Probe, on_processes, run_probe
 from ffn_dist.progress import format_duration
-from ffn_dist.run.history import config_id, freeze_config
-from ffn_dist.run.paths import branch_dir, plan_path, tensorboard_dir
+from ffn_dist.run.history import config_id
+from ffn_dist.run.paths import plan_path
 from ffn_dist.run.stages import STAGES, describe_changes, flatten
-from ffn_dist.stopping import run_group
-from ffn_dist.torchrun import command as torchrun_command
 
-WARMUP_STEPS = 3  # steps whose time is start-up (first allocations, loader start), not a step's
 FORWARD_SHARE = 1 / 3  # a forward pass per image, as a share of a training step's (backward ~ 2x)
-CLASSIFIER_ROWS = 8192  # rows of the synthetic cache a classifier epoch is timed on
 STORED_BYTES = {"fp16": 2, "fp32": 4}
 ROW_BYTES = 16  # a cached row's label and index (int64 each)
 # A SLURM job's own start, outside every stage's figure: srun, Python and torch imports, the
@@ -86,12 +68,6 @@ def probe_processes(cfg: Config, target: int) -> int:
     return 1
 
 
-def on_processes(cfg: Config, count: int, more: dict | None = None) -> Config:
-    """`cfg` on `count` processes, shared evenly by its branches (and `more` settings)."""
-    even = {f"branches.{name}.processes": None for name in cfg.branches}
-    return with_settings(cfg, {"dist.nproc": count, **even, **(more or {})})
-
-
 @dataclass(frozen=True)
 class RunShape:
     """What the plan scales by: images a split, the embedding's size, and each branch's
@@ -114,119 +90,6 @@ def run_shape(cfg: Config, target: int, processes: int) -> RunShape:
 
 def branch_sizes(cfg: Config, processes: int) -> dict[str, int]:
     return {branch: split.ranks for branch, split in split_batches(cfg, processes).items()}
-
-
-# ----------------------------------------------------------------------------- the probe
-@dataclass
-class Probe:
-    processes: int
-    device: str  # "cuda" or "cpu"
-    steps: int  # steps timed a branch
-    step_s: dict[str, float]  # median seconds of an optimizer step (the global batch)
-    startup_s: float  # launch to the first step's end, less a step
-    checkpoint_bytes: dict[str, int]
-    peak_memory_gb: float  # over the processes
-    data_s: float  # the data stage
-    classifier_epoch_s: float  # an epoch on the run's training rows, scaled from CLASSIFIER_ROWS
-    classifier_memory_gb: float
-    notes: list[str]
-
-
-def _scalars(directory: Path, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
-    events.Reload()
-    return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
-
-
-def probe_stage1(cfg: Config, processes: int, steps: int, scratch: Path) -> dict:
-    """`steps` steps of each branch under torchrun in `scratch`; per branch the step times
-    (from each step's TensorBoard wall time), the checkpoint it stopped with, and the peak memory."""
-    probe = on_processes(cfg, processes, {"output_dir": str(scratch), "stage1.log_every": 1})
-    config = freeze_config(probe)
-    command = torchrun_command(processes, "train-backbones", str(config), "--max-steps", str(steps))
-    print(
-        f"probe: stage 1, {steps} steps a branch on {processes} process(es): {' '.join(command[2:])}",
-        flush=True,
-    )
-    launched = time.time()
-    run_group(
-        command, stdout=sys.stderr
-    )  # exits 3 (stopped, checkpointed) when it ran its steps: judged by its log
-    measured = {}
-    for branch in cfg.branches:
-        walls = [event.wall_time for event in _scalars(tensorboard_dir(probe, branch), f"{branch}/loss")]
-        if len(walls) < 2:
-            continue  # one process: the branches train in turn, and the probe stops after the first
-        gaps = [b - a for a, b in zip(walls, walls[1:], strict=False)]
-        step_s = statistics.median(gaps[WARMUP_STEPS - 1 :] or gaps)
-        memory = [e.value for e in _scalars(tensorboard_dir(probe, branch), f"{branch}/peak_memory_gb")]
-        checkpoint = interrupted_path(branch_dir(probe, branch))
-        measured[branch] = {
-            "step_s": step_s,
-            "startup_s": max(walls[0] - launched - step_s, 0.0),
-            "checkpoint_bytes": checkpoint.stat().st_size if checkpoint.is_file() else 0,
-            "peak_memory_gb": max(memory, default=0.0),
-            "steps": len(walls),
-        }
-    if not measured:
-        raise FFNError(
-            f"ffn plan: stage 1's probe logged fewer than 2 steps in {scratch} (its output above says why); "
-            "nothing was planned"
-        )
-    return measured
-
-
-def probe_classifier(cfg: Config, train_rows: int, dims: int, scratch: Path) -> tuple[float, float]:
-    """Seconds of a stage-2 epoch on the run's training rows (timed on up to CLASSIFIER_ROWS of a
-    synthetic cache of its shape, scaled linearly), and this process's peak memory (GB)."""
-    from ffn_dist.bench.stage2 import cache_epoch_runner, write_synthetic_cache
-
-    rows = min(train_rows, CLASSIFIER_ROWS)
-    classes = cfg.data.num_classes
-    cache = write_synthetic_cache(scratch / "cache", cfg.branches, rows, dims, classes, test_rows=64)
-    run, _ = cache_epoch_runner(cfg, cache)
-    times = [run() for _ in range(3)]
-    return statistics.median(times[1:]) * train_rows / rows, peak_memory_gb(_device_of_classifier(cfg, dims))
-
-
-def _device_of_classifier(cfg: Config, dims: int):
-    from ffn_dist.stages.epochs import classifier_device
-
-    return classifier_device(cfg.stage2.device, cfg.data.num_classes * dims)
-
-
-def run_probe(cfg: Config, processes: int, steps: int, dims: int, train_rows: int) -> Probe:
-    from ffn_dist.stages.prepare import prepare
-
-    # what the probe prints is progress, on stderr: stdout is the plan (`--json`)
-    with tempfile.TemporaryDirectory(prefix="ffn-plan-") as scratch, contextlib.redirect_stdout(sys.stderr):
-        scratch = Path(scratch)
-        tick = time.perf_counter()
-        prepare(with_settings(cfg, {"output_dir": str(scratch / "data")}))
-        data_s = time.perf_counter() - tick
-        measured = probe_stage1(cfg, processes, steps, scratch / "stage1")
-        epoch_s, classifier_memory = probe_classifier(cfg, train_rows, dims, scratch)
-    notes = []
-    timed = next(iter(measured))
-    for branch in cfg.branches:
-        if branch not in measured:
-            measured[branch] = measured[timed]
-            notes.append(f"{branch}: not timed (one process trains the branches in turn), taken as {timed}'s")
-    return Probe(
-        processes=processes,
-        device="cuda" if visible_gpus() else "cpu",
-        steps=min(m["steps"] for m in measured.values()),
-        step_s={b: measured[b]["step_s"] for b in cfg.branches},
-        startup_s=max(m["startup_s"] for m in measured.values()),
-        checkpoint_bytes={b: measured[b]["checkpoint_bytes"] for b in cfg.branches},
-        peak_memory_gb=max(m["peak_memory_gb"] for m in measured.values()),
-        data_s=data_s,
-        classifier_epoch_s=epoch_s,
-        classifier_memory_gb=classifier_memory,
-        notes=notes,
-    )
 
 
 # ----------------------------------------------------------------------------- the model

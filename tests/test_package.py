@@ -83,7 +83,7 @@ LAYERS = [
     {"config"},
     {"run", "rundir", "stopping", "torchrun"},
     {"stages"},
-    {"drivers", "plan", "predict", "bench", "cli", "launchers"},
+    {"drivers", "plan", "probe", "predict", "bench", "cli", "launchers"},
 ]
 
 

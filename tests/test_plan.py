@@ -7,7 +7,8 @@ import pytest
 
 from ffn_dist.config import load_config, with_settings
 from ffn_dist.errors import FFNError
-from ffn_dist.plan import Probe, RunShape, predict, read_plan, time_limits
+from ffn_dist.plan import RunShape, predict, read_plan, time_limits
+from ffn_dist.probe import Probe
 from ffn_dist.run.history import log_event, stage_seconds
 from ffn_dist.run.stages import STAGES
 from ffn_dist.run.status import run_status

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ffn_dist.bench.stage2 import write_synthetic_cache
 from ffn_dist.bench.timing import interleaved_runs, medians
 from ffn_dist.cache.store import MANIFEST
+from ffn_dist.cache.synthetic import write_synthetic_cache
 from ffn_dist.checkpoint import checkpoint_state, save_checkpoint
 from ffn_dist.config import load_config, save_config
 from ffn_dist.data.dataset import write_builtin

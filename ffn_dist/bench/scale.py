@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffn_dist.bench.stage2 import cache_epoch_runner, matmul_bound_runner, write_synthetic_cache
+from ffn_dist.bench.stage2 import matmul_bound_runner
 from ffn_dist.bench.timing import interleaved_runs, median_ratio
+from ffn_dist.cache.synthetic import write_synthetic_cache
 from ffn_dist.config import Config, with_settings
 from ffn_dist.data.inat import write_inat
 from ffn_dist.data.splits import read_split, split_stats
+from ffn_dist.probe import cache_epoch_runner
 from ffn_dist.stages.epochs import classifier_device
 from ffn_dist.tables import markdown_table
 

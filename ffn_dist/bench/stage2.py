@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ffn_dist.bench.timing import (
     endless_batches,
@@ -26,78 +25,16 @@ from ffn_dist.bench.timing import (
     medians,
     synchronize,
 )
-from ffn_dist.cache.shards import write_shard
-from ffn_dist.cache.store import FeatureCache, open_cache, write_manifest
+from ffn_dist.cache.synthetic import write_synthetic_cache
 from ffn_dist.config import Config
 from ffn_dist.data.dataset import open_dataset
 from ffn_dist.data.loader import build_loader, default_device
-from ffn_dist.losses import LDAMLoss
 from ffn_dist.models.backbones import backbone_entry
-from ffn_dist.models.heads import CosineHead, fused_embedding
+from ffn_dist.models.heads import fused_embedding
 from ffn_dist.models.precision import autocast, place_images, place_model
+from ffn_dist.probe import cache_epoch_runner, ffn_step
 from ffn_dist.stages.backbones import build_network
-from ffn_dist.stages.epochs import CachedEpochs, CosineStep, OptimizerStep, classifier_device
 from ffn_dist.tables import markdown_table
-
-
-def write_synthetic_cache(
-    directory: Path,
-    branches,
-    rows: int,
-    dims: int,
-    classes: int,
-    test_rows: int = 1024,
-    shard_rows: int = 16384,
-) -> FeatureCache:
-    """Random unit embeddings of each of `branches` with the shapes of a real cache (values
-    do not change timings)."""
-    gen = torch.Generator().manual_seed(0)
-    splits = {}
-    for name, count in (("train", rows), ("test", test_rows)):
-        parts = []
-        for number, start in enumerate(range(0, count, shard_rows)):
-            n = min(shard_rows, count - start)
-            tensors = {b: F.normalize(torch.randn(n, dims, generator=gen), dim=1).half() for b in branches}
-            tensors["labels"] = torch.arange(start, start + n) % classes
-            tensors["indices"] = torch.arange(start, start + n)
-            file = f"{name}/view0/part{number:05d}.safetensors"
-            info = write_shard(directory / file, tensors, {"split": name, "view": "0", "part": str(number)})
-            parts.append({**info, "file": file, "view": 0})
-        splits[name] = {"rows": count, "parts": parts}
-    write_manifest(directory, {"store": "normalized", "dtype": "fp16", "dims": dims, "splits": splits})
-    return open_cache(directory, verify=False)
-
-
-def ffn_step(cfg: Config, counts, dims: int, device: torch.device) -> CosineStep:
-    """FFN's classifier (a cosine head, random init) and its step, as the classifier stage builds them."""
-    s2 = cfg.stage2
-    head = CosineHead(dims, cfg.data.num_classes).to(device)
-    loss = LDAMLoss(counts, s2.ldam_max_m, s2.ldam_s).trusting_labels().to(device)
-    return CosineStep(head, loss, s2.momentum, s2.weight_decay)
-
-
-def cache_epoch_runner(cfg: Config, cache: FeatureCache, torch_step: bool = False):
-    """Epochs of FFN's classifier on `cache`: its written-out step, or with `torch_step` the
-    same on autograd and torch.optim.SGD (what the written-out step is measured against)."""
-    train = cache.splits["train"]
-    device = classifier_device(cfg.stage2.device, cfg.data.num_classes * cache.dims)
-    loop = CachedEpochs(cfg, train, device)
-    counts = torch.bincount(torch.from_numpy(train.labels), minlength=cfg.data.num_classes)
-    step = ffn_step(cfg, counts, cache.dims, device)
-    if torch_step:
-        head = CosineHead(cache.dims, cfg.data.num_classes).to(device)
-        loss, s2 = step.loss, cfg.stage2
-        step = OptimizerStep(
-            [head.weight], lambda z, y: loss(head(z, normalized=True), y), s2.momentum, s2.weight_decay
-        )
-    epochs = iter(range(10**6))
-
-    def run() -> float:
-        start = time.perf_counter()
-        loop.epoch(step, next(epochs), "balanced").item()  # waits for the device
-        return time.perf_counter() - start
-
-    return run, loop.steps
 
 
 def matmul_bound_runner(steps: int, batch: int, dims: int, classes: int, device: torch.device):
