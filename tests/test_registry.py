@@ -52,3 +52,21 @@ def test_a_config_names_only_registered_methods():
         load_config(None, ["stage2.method=nonesuch"])
     fields = {f.name: f for f in dataclasses.fields(load_config(None, []).stage2)}
     assert fields["method"].metadata["choices"] is registry.METHODS
+
+
+def test_a_stage2_method_added_to_the_registry_and_its_fit_trains_and_is_recorded(
+    tmp_path, demo_root, monkeypatch
+):
+    """A new stage-2 method touches its registry entry and its fit function, nothing else."""
+    from ffn_dist.run.paths import classifier_variant, record_path
+    from ffn_dist.stages.classifier import fit_classifier
+    from ffn_dist.stages.methods import fit_ncm
+    from tests.test_methods import synthetic_run
+
+    monkeypatch.setitem(registry.METHODS, "dummy", registry.Method())
+    monkeypatch.setitem(FITS, "dummy", fit_ncm)  # class means, under another name
+    ncm, cache = synthetic_run(tmp_path / "ncm", demo_root, "stage2.method=ncm")
+    dummy, _ = synthetic_run(tmp_path / "dummy", demo_root, "stage2.method=dummy")
+    assert fit_classifier(dummy, cache)["test"] == fit_classifier(ncm, cache)["test"]
+    assert classifier_variant(dummy).startswith("dummy/")
+    assert record_path(dummy, "classifier", classifier_variant(dummy)).is_file()
