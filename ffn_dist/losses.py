@@ -270,7 +270,7 @@ def build_loss(name: str, class_counts, params, head: str) -> _MixupLoss:
     if name not in LOSS_BUILDERS:
         raise FFNError(f"loss {name!r}: expected one of {', '.join(LOSSES)}")
     loss = LOSS_BUILDERS[name](class_counts, params)
-    if head == "cosine" and not LOSSES[name].scale:
+    if HEADS[head].cosine and not LOSSES[name].scale:
         loss.input_scale = params.cosine_s
     return loss
 
